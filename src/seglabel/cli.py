@@ -1,0 +1,220 @@
+"""The ``seglabel`` command: flags -> library calls, errors -> one line and an exit code."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+from . import exitcodes
+from .labelset import LabelSetError, load_labelset
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Per-pixel labels for folders of images with open-vocabulary segmenters.")
+labelsets_app = typer.Typer(no_args_is_help=True, help="Validate label set files.")
+app.add_typer(labelsets_app, name="labelsets")
+
+
+def fail(message: str, code: int = exitcodes.USAGE) -> None:
+    typer.echo(f"seglabel: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def run_guarded(fn: Callable[[], int]) -> None:
+    """Map library errors to one line on stderr and the documented exit codes."""
+    from .checkpoints import CheckpointError
+    from .evaluate import EvalError
+    from .images import ImageError
+
+    try:
+        code = fn()
+    except (LabelSetError, EvalError, CheckpointError, ValueError, FileNotFoundError, ImageError) as e:
+        fail(str(e), exitcodes.USAGE)
+    except KeyboardInterrupt:
+        fail("interrupted", exitcodes.INTERRUPTED)
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 1
+        from .annotate import SettingsMismatch
+        from .models.clip import WeightsUnavailable
+
+        if isinstance(e, (WeightsUnavailable, SettingsMismatch)):
+            fail(str(e), exitcodes.USAGE)
+        fail(f"{type(e).__name__}: {e}", exitcodes.ERROR)
+    raise typer.Exit(code)
+
+
+@app.command()
+def annotate(
+    inputs: List[Path] = typer.Argument(None, help="Image files and folders (walked recursively)."),
+    labels: Path = typer.Option(..., "--labels", "-l", help="Label set YAML."),
+    out: Path = typer.Option(Path("labels"), "--out", "-o", help="Output folder."),
+    from_list: Optional[str] = typer.Option(None, "--from-list", help="File with one image path per line; - for stdin."),
+    model: str = typer.Option("maskclip:ViT-B-16", "--model", "-m", help="KIND:NAME, e.g. maskclip:ViT-B-16, maskclip:RN50."),
+    pretrained: str = typer.Option("openai", "--pretrained", help="open_clip pretrained tag or a local weights file."),
+    model_config: Optional[Path] = typer.Option(None, "--model-config", help="open_clip model config JSON to register."),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Weights cache (default: the Hugging Face cache)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Images (or windows) per forward pass."),
+    short_side: int = typer.Option(512, "--short-side", min=1, help="Resize so the short side is this."),
+    max_long_side: int = typer.Option(2048, "--max-long-side", min=0, help="...unless the long side exceeds this (0: no cap)."),
+    window: int = typer.Option(0, "--window", min=0, help="Sliding-window size in resized pixels (0: whole image)."),
+    window_stride: int = typer.Option(0, "--window-stride", min=0, help="Sliding-window stride (0: half the window)."),
+    key_smoothing: bool = typer.Option(True, "--key-smoothing/--no-key-smoothing", help="MaskCLIP key smoothing."),
+    prompt_denoising: bool = typer.Option(True, "--prompt-denoising/--no-prompt-denoising", help="MaskCLIP prompt denoising."),
+    min_confidence: Optional[float] = typer.Option(None, "--min-confidence", min=0.0, max=1.0,
+                                                   help="Pixels less confident than this are written as 255."),
+    overlay: bool = typer.Option(False, "--overlay", help="Also write colour overlays (overlays/*.jpg)."),
+    save_scores: bool = typer.Option(False, "--save-scores", help="Also write per-pixel confidence (scores/*.png)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Relabel images that are already done."),
+    max_pixels: int = typer.Option(178_956_970, "--max-pixels", min=1, help="Refuse images with more pixels."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be done; load no model."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr."),
+) -> None:
+    """Label every pixel of every image with the classes of a label set."""
+
+    def run() -> int:
+        from .annotate import AnnotateConfig, annotate as run_annotate, plan
+        from .images import find_images, read_lines
+        from .models.registry import load_segmenter
+        from .predict import Protocol, resolve_device
+
+        if not inputs and not from_list:
+            fail("give image files or folders, or --from-list")
+        labelset = load_labelset(labels)
+        found = find_images(inputs or [], read_lines(from_list) if from_list else [], exclude=[out])
+        if not found.items and not found.problems:
+            fail("no images found (looked for " + ", ".join(sorted({".jpg", ".png", ".webp", ".bmp", ".tif"})) + ")")
+        if dry_run:
+            todo, done = plan(found.items, out, overwrite)
+            return _print_plan(todo, done, found.problems, as_json)
+        protocol = Protocol(short_side, max_long_side, window, window_stride)
+        config = AnnotateConfig(out=out, overwrite=overwrite, overlay=overlay, save_scores=save_scores,
+                                min_confidence=min_confidence, batch_size=batch_size, max_pixels=max_pixels,
+                                protocol=protocol)
+        segmenter = load_segmenter(
+            model, labelset, pretrained=pretrained, cache_dir=cache_dir, device=resolve_device(device),
+            model_config=str(model_config) if model_config else None,
+            key_smoothing=key_smoothing, prompt_denoising=prompt_denoising)
+        with _progress(len(found.items), quiet or as_json) as on_image:
+            summary = run_annotate(found.items, segmenter, labelset, config, found.problems, on_image, sys.argv)
+        if as_json:
+            typer.echo(json.dumps(summary.to_dict(), indent=2))
+        elif not quiet:
+            _print_summary(summary)
+        return summary.exit_code
+
+    run_guarded(run)
+
+
+@app.command("eval")
+def evaluate(
+    pred: Path = typer.Option(..., "--pred", help="annotate's output folder, or a folder of mask PNGs."),
+    gt: Path = typer.Option(..., "--gt", help="Folder of ground-truth mask PNGs (same relative paths)."),
+    labels: Path = typer.Option(..., "--labels", "-l", help="Label set YAML the masks use."),
+    id_map: Optional[Path] = typer.Option(None, "--id-map", help="YAML/JSON map: ground-truth id -> class index or name."),
+    as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON on stdout."),
+) -> None:
+    """Score predicted masks against ground truth: per-class IoU, mIoU, pixel accuracy."""
+
+    def run() -> int:
+        from .evaluate import evaluate_folders, load_id_map, render_table
+
+        labelset = load_labelset(labels)
+        mapping = load_id_map(id_map, labelset) if id_map else None
+        result = evaluate_folders(pred, gt, labelset, mapping)
+        if as_json:
+            typer.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
+        else:
+            from rich.console import Console
+
+            Console().print(render_table(result))
+        for path, reason in result.skipped:
+            typer.echo(f"skipped: {path}: {reason}", err=True)
+        return exitcodes.OK
+
+    run_guarded(run)
+
+
+@labelsets_app.command("check")
+def labelsets_check(files: List[Path] = typer.Argument(..., help="Label set YAML files.")) -> None:
+    """Validate label sets; each error names the file, the line and the problem."""
+    bad = 0
+    for f in files:
+        try:
+            ls = load_labelset(f)
+            typer.echo(f"{f}: ok, {len(ls)} classes, {len(ls.prompts)} prompts")
+        except LabelSetError as e:
+            typer.echo(f"seglabel: error: {e}", err=True)
+            bad += 1
+    raise typer.Exit(exitcodes.USAGE if bad else exitcodes.OK)
+
+
+@app.command("models")
+def models() -> None:
+    """List the model specs --model accepts."""
+    from .models.registry import list_models
+
+    for spec in list_models():
+        typer.echo(spec)
+
+
+# -- output helpers -------------------------------------------------------------------------------
+def _print_plan(todo, done, problems, as_json: bool) -> int:
+    if as_json:
+        typer.echo(json.dumps({"todo": [str(i.path) for i in todo], "done": [str(i.path) for i in done],
+                               "problems": [{"path": p.path, "reason": p.reason} for p in problems]}, indent=2))
+    else:
+        for item in todo:
+            typer.echo(f"label  {item.path}")
+        for item in done:
+            typer.echo(f"skip   {item.path}")
+        for p in problems:
+            typer.echo(f"error  {p}")
+        typer.echo(f"{len(todo)} to label, {len(done)} done, {len(problems)} problems", err=True)
+    return exitcodes.FAILURES if problems else exitcodes.OK
+
+
+class _progress:
+    """A rich progress bar on stderr when it is a terminal; otherwise failures as plain lines."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.total, self.quiet, self.bar = total, quiet, None
+
+    def __enter__(self):
+        if not self.quiet and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("labelling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                console=Console(stderr=True), transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("", total=self.total)
+        return self.on_image
+
+    def on_image(self, item, error) -> None:
+        if error and not self.quiet:
+            (self.bar.console.print if self.bar else lambda m: typer.echo(m, err=True))(f"failed: {item.path}: {error}")
+        if self.bar:
+            self.bar.advance(self.task)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar:
+            self.bar.stop()
+
+
+def _print_summary(summary) -> None:
+    rate = f", {summary.labelled / summary.seconds:.2f} images/s" if summary.seconds and summary.labelled else ""
+    typer.echo(f"{summary.labelled} labelled, {summary.skipped} already done, {len(summary.failures)} failed"
+               f"{rate} -> {summary.out}" + (" (interrupted)" if summary.interrupted else ""), err=True)
+    for path, reason in summary.failures:
+        typer.echo(f"  failed: {path}: {reason}", err=True)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""Score predicted masks against ground-truth masks: per-class IoU, mIoU, pixel accuracy.
+
+Masks are single-channel PNGs whose pixel values are class indices of the label set: 8-bit
+(palette or grayscale) with 255 = ignore, or 16-bit with 65535 = ignore (label sets of more than
+254 classes, where 255 is a real class). Predictions and ground truth are matched by relative
+path, and one confusion matrix is accumulated over the whole set, one image pair at a time.
+
+Ground truth that uses other ids (VOC, Cityscapes, COCO-Stuff ...) is translated with an id map,
+a YAML or JSON mapping ``gt id -> class index | class name | null``::
+
+    7: road          # or 7: 0
+    8: sidewalk
+    0: null          # ignore; ids not in the map are ignored too
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from .labelset import IGNORE_INDEX, IGNORE_INDEX_16BIT, LabelSet, load_labelset
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+# Confusion matrices are num_classes^2 int64 counts; past this many entries (1 GiB) refuse
+# instead of letting numpy die with an opaque MemoryError halfway through a run.
+_MAX_CONFUSION_ENTRIES = 1 << 27
+
+_GT_IGNORED = -1   # lookup-table value: pixel is not scored
+_GT_UNKNOWN = -2   # not scored either, but worth a warning (id outside the label set, no id map)
+
+
+class EvalError(ValueError):
+    """Evaluation cannot run; the message is one line naming the file or folder and the problem."""
+
+
+# -- id maps ----------------------------------------------------------------------------------
+def load_id_map(path: str | Path, labelset: LabelSet | None = None) -> dict[int, int]:
+    """Read a ``gt id -> class`` map from YAML or JSON.
+
+    Values are class indices, class names (needs ``labelset``; case-insensitive), or null / the
+    label set's ignore index (255; 65535 for sets of more than 254 classes) for ignore. Ignore is
+    returned as that ignore index. Keys may be ints or strings of ints (JSON keys are strings).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise EvalError(f"{path}: no such id map file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvalError(f"{path}: cannot read id map: {e}") from None
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)  # YAML also reads most JSON
+    except json.JSONDecodeError as e:
+        raise EvalError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise EvalError(f"{where}: invalid YAML: {problem}") from None
+    return parse_id_map(data, labelset, source=str(path))
+
+
+def parse_id_map(data: Any, labelset: LabelSet | None = None, source: str = "<id map>") -> dict[int, int]:
+    """Validate an id map given as plain data (see ``load_id_map``)."""
+    if not isinstance(data, dict) or not data:
+        raise EvalError(f"{source}: an id map is a non-empty mapping 'gt id: class index or name'")
+    ignore = labelset.ignore_index if labelset is not None else IGNORE_INDEX
+    by_name = {n.casefold(): i for i, n in enumerate(labelset.names)} if labelset is not None else {}
+    out: dict[int, int] = {}
+    for raw_key, value in data.items():
+        key = _id_key(raw_key, source)
+        if key in out:
+            raise EvalError(f"{source}: gt id {key} is mapped twice")
+        if value is None:
+            out[key] = ignore
+        elif isinstance(value, str):
+            if labelset is None:
+                raise EvalError(f"{source}: gt id {key} maps to class name {value!r}, "
+                                f"which needs a label set to resolve")
+            index = by_name.get(value.strip().casefold())
+            if index is None:
+                raise EvalError(f"{source}: gt id {key} maps to unknown class {value!r} "
+                                f"(label set '{labelset.name}')")
+            out[key] = index
+        elif isinstance(value, int) and not isinstance(value, bool):
+            limit = len(labelset) if labelset is not None else IGNORE_INDEX_16BIT
+            if not (0 <= value < limit or value == ignore):
+                raise EvalError(f"{source}: gt id {key} maps to {value}, not a class index "
+                                f"(0..{limit - 1}) nor ignore ({ignore} or null)")
+            out[key] = value
+        else:
+            raise EvalError(f"{source}: gt id {key} maps to {value!r}; "
+                            f"use a class index, a class name or null")
+    return out
+
+
+def _id_key(raw: Any, source: str) -> int:
+    if isinstance(raw, bool):  # YAML reads 'yes:' / 'on:' as True
+        raise EvalError(f"{source}: key {raw!r} is not a gt id")
+    if isinstance(raw, str):
+        try:
+            raw = int(raw.strip())
+        except ValueError:
+            raise EvalError(f"{source}: key {raw!r} is not a gt id (an integer)") from None
+    if not isinstance(raw, int) or not 0 <= raw <= IGNORE_INDEX_16BIT:
+        raise EvalError(f"{source}: key {raw!r} is not a gt id (an integer in 0..65535)")
+    return raw
+
+
+# -- result -----------------------------------------------------------------------------------
+@dataclass
+class EvalResult:
+    names: list[str]
+    confusion: np.ndarray          # [gt class, predicted class], int64, valid GT pixels only
+    ignored: np.ndarray            # per GT class: pixels predicted as ignore (or out of range)
+    iou: np.ndarray                # per class; NaN where the class is in neither pred nor GT
+    miou: float                    # mean over classes with an IoU
+    pixel_accuracy: float          # correct / valid GT pixels
+    mean_accuracy: float           # mean per-class recall over classes present in GT
+    images: int                    # image pairs scored
+    missing_pred: list[str] = field(default_factory=list)   # GT masks with no prediction
+    missing_gt: list[str] = field(default_factory=list)     # predictions with no GT
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # (path, reason), not scored
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (path, note), still scored
+
+    @classmethod
+    def from_counts(cls, names: list[str], confusion: np.ndarray, ignored: np.ndarray,
+                    images: int, **lists: Any) -> "EvalResult":
+        tp = np.diag(confusion).astype(np.float64)
+        gt_px = (confusion.sum(axis=1) + ignored).astype(np.float64)
+        pred_px = confusion.sum(axis=0).astype(np.float64)
+        union = gt_px + pred_px - tp
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iou = np.where(union > 0, tp / union, np.nan)
+            recall = np.where(gt_px > 0, tp / gt_px, np.nan)
+        total = gt_px.sum()
+        return cls(names=list(names), confusion=confusion, ignored=ignored, iou=iou,
+                   miou=_nanmean(iou), pixel_accuracy=float(tp.sum() / total) if total else math.nan,
+                   mean_accuracy=_nanmean(recall), images=images, **lists)
+
+    @property
+    def gt_pixels(self) -> np.ndarray:
+        return self.confusion.sum(axis=1) + self.ignored
+
+    @property
+    def pred_pixels(self) -> np.ndarray:
+        return self.confusion.sum(axis=0)
+
+    def to_dict(self, confusion: bool = False) -> dict[str, Any]:
+        """Plain, JSON-able form (NaN -> None). The matrix is left out unless asked for: it has
+        num_classes^2 entries."""
+        gt_px, pred_px = self.gt_pixels, self.pred_pixels
+        out: dict[str, Any] = {
+            "images": self.images,
+            "miou": _num(self.miou),
+            "pixel_accuracy": _num(self.pixel_accuracy),
+            "mean_accuracy": _num(self.mean_accuracy),
+            "classes": [
+                {"name": n, "iou": _num(self.iou[i]), "gt_pixels": int(gt_px[i]),
+                 "pred_pixels": int(pred_px[i]), "ignored_pixels": int(self.ignored[i])}
+                for i, n in enumerate(self.names)
+            ],
+            "missing_pred": list(self.missing_pred),
+            "missing_gt": list(self.missing_gt),
+            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+            "warnings": [{"path": p, "note": r} for p, r in self.warnings],
+        }
+        if confusion:
+            out["confusion"] = self.confusion.tolist()
+        return out
+
+
+def _nanmean(values: np.ndarray) -> float:
+    present = values[~np.isnan(values)]
+    return float(present.mean()) if present.size else math.nan  # no RuntimeWarning when empty
+
+
+def _num(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+# -- evaluation -------------------------------------------------------------------------------
+def evaluate_folders(pred: str | Path, gt: str | Path, labelset: LabelSet | str | Path,
+                     id_map: Mapping[int, int] | str | Path | None = None, *,
+                     progress: Callable[[int, int], None] | None = None) -> EvalResult:
+    """Score the masks under ``pred`` against those under ``gt``.
+
+    ``pred`` is an annotate output folder (its ``masks/`` is used) or a folder of mask PNGs.
+    ``id_map`` translates GT ids (a mapping as ``load_id_map`` returns, or its file).
+    ``progress(done, total)`` is called after each matched pair.
+    """
+    if not isinstance(labelset, LabelSet):
+        labelset = load_labelset(labelset)
+    n = len(labelset)
+    if n * (n + 1) > _MAX_CONFUSION_ENTRIES:
+        raise EvalError(f"{labelset.source}: {n} classes is too many for a confusion matrix")
+    if isinstance(id_map, (str, Path)):
+        id_map = load_id_map(id_map, labelset)
+    elif id_map is not None:
+        id_map = parse_id_map(dict(id_map), labelset)
+    lut8, lut16 = _gt_luts(labelset, id_map)
+
+    pred_dir, gt_dir = Path(pred), Path(gt)
+    if (pred_dir / "masks").is_dir():
+        pred_dir = pred_dir / "masks"
+    pred_files, gt_files = _masks(pred_dir, "predictions"), _masks(gt_dir, "ground truth")
+    matched = [k for k in gt_files if k in pred_files]
+    if not matched:
+        raise EvalError(f"no predicted mask matches a ground-truth mask: {pred_dir} has "
+                        f"{len(pred_files)} PNGs{_example(pred_files)}, {gt_dir} has "
+                        f"{len(gt_files)}{_example(gt_files)} (matched by relative path)")
+
+    # GT class in rows, predicted class in columns; column n collects predicted ignore
+    counts = np.zeros(n * (n + 1), dtype=np.int64)
+    skipped: list[tuple[str, str]] = []
+    warnings: list[tuple[str, str]] = []
+    images = 0
+    for done, key in enumerate(matched, 1):
+        try:
+            p, g = _read_pair(pred_files[key], gt_files[key])
+        except _Skip as e:
+            skipped.append((key, str(e)))
+        else:
+            pair_counts, notes = _score(p, g, lut8, lut16, labelset)
+            counts += pair_counts
+            warnings += [(key, note) for note in notes]
+            images += 1
+        if progress is not None:
+            progress(done, len(matched))
+    if not images:
+        path, reason = skipped[0]
+        raise EvalError(f"no image could be scored: all {len(matched)} matched masks were skipped "
+                        f"(first: {path}: {reason})")
+
+    counts = counts.reshape(n, n + 1)
+    return EvalResult.from_counts(
+        labelset.names, np.ascontiguousarray(counts[:, :n]), counts[:, n].copy(), images,
+        missing_pred=[k for k in gt_files if k not in pred_files],
+        missing_gt=[k for k in pred_files if k not in gt_files],
+        skipped=skipped, warnings=warnings)
+
+
+def _score(p: np.ndarray, g: np.ndarray, lut8: np.ndarray, lut16: np.ndarray,
+           labelset: LabelSet) -> tuple[np.ndarray, list[str]]:
+    """Flat (n x n+1) confusion counts of one pair, and notes worth reporting about it."""
+    n = len(labelset)
+    notes = []
+    gt_cls = (lut8 if g.dtype == np.uint8 else lut16)[g]
+    if (gt_cls == _GT_UNKNOWN).any():
+        notes.append(f"ground truth has ids outside the label set (up to "
+                     f"{int(g[gt_cls == _GT_UNKNOWN].max())}); ignored — does it need an id map?")
+    # 255 is ignore in any 8-bit mask, and in 16-bit ones unless the label set has a class 255
+    eight_bit, p = p.dtype == np.uint8, p.astype(np.int64)
+    ignore = p == IGNORE_INDEX_16BIT
+    if eight_bit or n < IGNORE_INDEX:
+        ignore |= p == IGNORE_INDEX
+    out_of_range = (p >= n) & ~ignore
+    if out_of_range.any():
+        notes.append(f"prediction has ids outside the label set (up to "
+                     f"{int(p[out_of_range].max())}); counted as ignore")
+    # predicted ignore and out-of-range ids both land in column n: a miss for the GT class
+    p_cls = np.where(ignore, n, np.minimum(p, n))
+    valid = gt_cls >= 0
+    flat = gt_cls[valid].astype(np.int64) * (n + 1) + p_cls[valid]
+    return np.bincount(flat, minlength=n * (n + 1)), notes
+
+
+def _gt_luts(labelset: LabelSet, id_map: Mapping[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Lookup tables gt value -> class index (or _GT_IGNORED / _GT_UNKNOWN), for 8- and 16-bit GT."""
+    n = len(labelset)
+    if id_map is None:
+        lut16 = np.full(IGNORE_INDEX_16BIT + 1, _GT_UNKNOWN, dtype=np.int32)
+        lut16[:n] = np.arange(n)
+        lut16[labelset.ignore_index] = _GT_IGNORED
+        lut16[IGNORE_INDEX_16BIT] = _GT_IGNORED
+        lut8 = lut16[:IGNORE_INDEX + 1].copy()
+        lut8[IGNORE_INDEX] = _GT_IGNORED  # 255 is ignore in 8-bit GT whatever the label set
+        return lut8, lut16
+    # with a map, unmapped ids are ignored on purpose (Cityscapes 'unlabeled', 'ego vehicle' ...)
+    lut16 = np.full(IGNORE_INDEX_16BIT + 1, _GT_IGNORED, dtype=np.int32)
+    for gt_id, cls in id_map.items():
+        lut16[gt_id] = cls if cls < n else _GT_IGNORED
+    return lut16[:IGNORE_INDEX + 1].copy(), lut16
+
+
+def _masks(folder: Path, what: str) -> dict[str, Path]:
+    """PNG files under ``folder`` keyed by relative path (suffix normalised to .png), sorted."""
+    if not folder.is_dir():
+        raise EvalError(f"{folder}: no such folder ({what})")
+    out: dict[str, Path] = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.suffix.lower() != ".png" or any(part.startswith(".") for part in rel.parts):
+            continue  # hidden files and folders: .ipynb_checkpoints, editor droppings
+        if path.is_file():
+            out.setdefault(rel.with_suffix(".png").as_posix(), path)
+    return dict(sorted(out.items()))
+
+
+def _example(files: dict[str, Path]) -> str:
+    return f" (e.g. '{next(iter(files))}')" if files else ""
+
+
+class _Skip(Exception):
+    """This pair cannot be scored; the message is the reason."""
+
+
+def _read_pair(pred: Path, gt: Path) -> tuple[np.ndarray, np.ndarray]:
+    with _open(pred, "prediction") as p_im, _open(gt, "ground truth") as g_im:
+        if p_im.size != g_im.size:
+            raise _Skip(f"size mismatch: prediction {p_im.size[0]}x{p_im.size[1]}, "
+                        f"ground truth {g_im.size[0]}x{g_im.size[1]}")
+        return _ids(p_im, "prediction"), _ids(g_im, "ground truth")
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    try:
+        return Image.open(path)
+    except OSError as e:  # not an image, truncated header
+        raise _Skip(f"{what} cannot be opened: {e}") from None
+
+
+def _ids(im: Image.Image, what: str) -> np.ndarray:
+    """Pixel values of a single-channel mask as uint8 or uint16 (palette images: the indices)."""
+    if im.mode not in ("P", "L", "I", "I;16", "I;16L", "I;16B"):
+        raise _Skip(f"{what} is a {im.mode} image; expected single-channel class ids "
+                    f"(palette, 8-bit or 16-bit grayscale)")
+    try:
+        a = np.asarray(im)
+    except (OSError, ValueError) as e:  # truncated or corrupt PNG
+        raise _Skip(f"{what} cannot be read: {e}") from None
+    if a.dtype == np.uint8:
+        return a
+    if a.size and (a.min() < 0 or a.max() > IGNORE_INDEX_16BIT):
+        raise _Skip(f"{what} has values outside 0..65535")
+    return a.astype(np.uint16)  # also makes big-endian I;16B native
+
+
+# -- display ----------------------------------------------------------------------------------
+def render_table(result: EvalResult) -> Table:
+    """A rich table: one row per class (IoU and accuracy in %), the means in the caption."""
+    from rich.table import Table  # only the CLI needs rich; keep the import off the scoring path
+
+    table = Table(title=f"{result.images} images", caption=_summary(result), caption_justify="left")
+    table.add_column("class")
+    table.add_column("IoU %", justify="right")
+    table.add_column("acc %", justify="right")
+    table.add_column("GT pixels", justify="right")
+    table.add_column("pred pixels", justify="right")
+    gt_px, pred_px = result.gt_pixels, result.pred_pixels
+    for i, name in enumerate(result.names):
+        absent = math.isnan(result.iou[i])
+        recall = result.confusion[i, i] / gt_px[i] if gt_px[i] else math.nan
+        table.add_row(name, _pct(result.iou[i]), _pct(recall), f"{int(gt_px[i]):,}",
+                      f"{int(pred_px[i]):,}", style="dim" if absent else None)
+    return table
+
+
+def _summary(result: EvalResult) -> str:
+    parts = [f"mIoU {_pct(result.miou)}%", f"pixel accuracy {_pct(result.pixel_accuracy)}%",
+             f"mean accuracy {_pct(result.mean_accuracy)}%"]
+    for label, items in (("missing predictions", result.missing_pred),
+                         ("without ground truth", result.missing_gt), ("skipped", result.skipped)):
+        if items:
+            parts.append(f"{len(items)} {label}")
+    return " · ".join(parts)
+
+
+def _pct(x: float) -> str:
+    return "—" if math.isnan(x) else f"{100 * x:.2f}"

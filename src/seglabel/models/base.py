@@ -1,0 +1,38 @@
+"""What every segmenter gives the labelling pipeline."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..labelset import LabelSet
+
+
+class Segmenter(nn.Module):
+    """A model that scores every class of a label set at every position of an image batch.
+
+    ``forward(images)`` takes normalised images (B, 3, H, W) whose sides are multiples of
+    ``pad_to`` and returns class logits (B, K, H / stride, W / stride), ready for a softmax;
+    the grid covers the input exactly, so upsampling by ``stride`` aligns it with the pixels.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    stride: int  # input pixels per output cell
+
+    @property
+    def pad_to(self) -> int:
+        """Input sides must be multiples of this (the stride unless a model needs more)."""
+        return self.stride
+
+    def set_labels(self, labelset: LabelSet) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """What the run record says about the model beyond its spec and weights."""
+        return {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device

@@ -1,0 +1,143 @@
+"""open_clip models with their weights: pretrained tags from the usual caches, or local files.
+
+No network is needed when the weights are cached or given as a file; when they are neither,
+``WeightsUnavailable`` says in one line what is missing and how to supply it, without first
+spending a minute on download retries.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoints import CheckpointError, load_weights, state_dict_of
+
+_HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+class WeightsUnavailable(RuntimeError):
+    """Weights that cannot be had here; the message says how to supply them."""
+
+
+def register_model_config(path: str | Path) -> str:
+    """Register an open_clip architecture from a JSON file; returns its model name (the stem)."""
+    import open_clip
+
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable model config ({e})") from None
+    if not isinstance(cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= cfg.keys():
+        raise ValueError(f"{path}: an open_clip model config needs embed_dim, vision_cfg and text_cfg")
+    open_clip.add_model_config(path)
+    return path.stem
+
+
+def create_clip(name: str, pretrained: str | None = "openai", cache_dir: str | None = None,
+                device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """Build open_clip model ``name`` with weights from a tag or a file.
+
+    Returns (model in eval mode, tokenizer, info) where info records the weights used."""
+    import open_clip
+
+    if open_clip.get_model_config(name) is None:
+        raise ValueError(f"unknown open_clip model '{name}' (see `seglabel models`, or pass --model-config FILE.json)")
+    info: dict[str, Any] = {"model": name, "pretrained": pretrained}
+    quick_gelu = False
+    weights_file: str | None = None
+    if pretrained and Path(pretrained).is_file():
+        weights_file = pretrained
+    elif pretrained:
+        cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        if not cfg:
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+            raise WeightsUnavailable(
+                f"'{pretrained}' is neither a weight file nor a pretrained tag of {name} (tags: {tags})")
+        # OpenAI weights were trained with QuickGELU; the plain configs use nn.GELU.
+        quick_gelu = bool(cfg.get("quick_gelu")) and not open_clip.get_model_config(name).get("quick_gelu")
+        weights_file = _cached_or_download(name, pretrained, cfg, cache_dir)
+        info["preprocess"] = {k: cfg[k] for k in ("mean", "std") if k in cfg}
+    with _quiet_root_logger():  # open_clip warns "initialized randomly": the weights come next
+        model = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu, device="cpu")
+    if weights_file:
+        try:
+            sd = state_dict_of(load_weights(weights_file), weights_file)
+            for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI's own archives
+                sd.pop(key, None)
+            model.load_state_dict(sd, strict=True)
+        except CheckpointError:
+            raise
+        except RuntimeError as e:
+            raise CheckpointError(f"{weights_file}: does not fit {name}: {_first_line(e)}") from None
+        info["weights_file"] = str(weights_file)
+    if "preprocess" in info:
+        model.visual.preprocess_cfg = {**getattr(model.visual, "preprocess_cfg", {}), **info["preprocess"]}
+    info["quick_gelu"] = quick_gelu or bool(open_clip.get_model_config(name).get("quick_gelu"))
+    model = model.to(device).eval()
+    return model, open_clip.get_tokenizer(name), info
+
+
+def _cached_or_download(name: str, tag: str, cfg: dict[str, Any], cache_dir: str | None) -> str:
+    from open_clip.pretrained import download_pretrained
+
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        repo, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
+        cached = _hf_cached(repo, [filename] if filename else list(_HF_WEIGHT_FILES), cache_dir)
+        if cached:
+            return cached
+    how = (f"download them once where there is network (python -c \"import open_clip; "
+           f"open_clip.create_model('{name}', pretrained='{tag}')\") and copy the Hugging Face cache, "
+           f"or pass --pretrained /path/to/weights (.safetensors/.bin/.pt)")
+    if os.environ.get("HF_HUB_OFFLINE") or not _hub_reachable():
+        raise WeightsUnavailable(f"weights '{tag}' for {name} are not cached and the model hub cannot be reached: {how}")
+    try:
+        return download_pretrained(cfg, cache_dir=cache_dir)
+    except Exception as e:  # hub errors come in many types
+        raise WeightsUnavailable(f"could not download weights '{tag}' for {name} ({_first_line(e)}): {how}") from None
+
+
+def _hf_cached(repo: str, filenames: list[str], cache_dir: str | None) -> str | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for filename in filenames:
+        hit = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
+        if isinstance(hit, str) and os.path.isfile(hit):
+            return hit
+    return None
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    endpoint = os.environ.get("HF_ENDPOINT", "")
+    if endpoint:
+        host = endpoint.split("://")[-1].split("/")[0].split(":")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

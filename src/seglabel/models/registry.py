@@ -1,0 +1,66 @@
+"""Model specs -> segmenters. A spec is ``KIND:WHAT``, e.g. ``maskclip:ViT-B-16``.
+
+Each kind has one ``build_*`` function in ``SEGMENTERS``; ``load_segmenter`` parses the spec,
+builds the model and encodes the label set.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..labelset import LabelSet
+from .base import Segmenter
+
+DEFAULT_MODEL = "maskclip:ViT-B-16"
+
+
+def build_maskclip(name: str, pretrained: str | None = "openai", cache_dir: str | None = None,
+                   device: str | torch.device = "cpu", model_config: str | None = None,
+                   key_smoothing: bool = False, prompt_denoising: bool = False, **_: Any) -> Segmenter:
+    from .clip import create_clip, register_model_config
+    from .maskclip import MaskCLIP
+
+    if model_config:
+        register_model_config(model_config)
+    clip_model, tokenizer, info = create_clip(name, pretrained, cache_dir=cache_dir, device=device)
+    model = MaskCLIP(clip_model, tokenizer=tokenizer, key_smoothing=key_smoothing,
+                     prompt_denoising=prompt_denoising)
+    model.weights_info = info
+    return model
+
+
+SEGMENTERS: dict[str, Callable[..., Segmenter]] = {
+    "maskclip": build_maskclip,
+}
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    kind, sep, what = spec.partition(":")
+    if not sep or not what:
+        raise ValueError(f"model spec '{spec}' must look like KIND:NAME (e.g. {DEFAULT_MODEL})")
+    if kind not in SEGMENTERS:
+        raise ValueError(f"unknown model kind '{kind}' in '{spec}' (known: {', '.join(SEGMENTERS)})")
+    return kind, what
+
+
+def load_segmenter(spec: str = DEFAULT_MODEL, labelset: LabelSet | None = None, **options: Any) -> Segmenter:
+    """Build the segmenter named by ``spec`` and, given a label set, encode its classes."""
+    kind, what = parse_spec(spec)
+    model = SEGMENTERS[kind](what, **options)
+    model.spec = spec
+    if labelset is not None:
+        model.set_labels(labelset)
+    return model
+
+
+def list_models() -> list[str]:
+    """Every spec ``maskclip:`` accepts (open_clip architectures with a ViT or ResNet tower)."""
+    import open_clip
+
+    names = []
+    for name in open_clip.list_models():
+        vision = (open_clip.get_model_config(name) or {}).get("vision_cfg", {})
+        if "timm_model_name" not in vision and not vision.get("attentional_pool"):
+            names.append(f"maskclip:{name}")
+    return names

@@ -1,0 +1,175 @@
+"""Images in, per-pixel labels out: resize, whole image or sliding window, upsample, softmax.
+
+Upsampling is done with explicit bilinear interpolation matrices (the same weights as
+``F.interpolate(mode='bilinear', align_corners=False)``), row band by row band, so a 171-class
+map of a 4000-pixel-wide photo never needs (K, H, W) floats at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .labelset import LabelSet
+from .models.base import Segmenter
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How an image is fed to the model. Defaults: the official MaskCLIP protocol."""
+
+    short_side: int = 512  # resize keeping the aspect ratio so the short side is this
+    max_long_side: int = 2048  # ... unless the long side would exceed this
+    window: int = 0  # sliding-window crop size in resized pixels; 0 = whole image
+    window_stride: int = 0  # 0 = half the window
+
+
+@dataclass
+class Prediction:
+    labels: np.ndarray  # (H, W) int64 class index, original image size
+    confidence: np.ndarray  # (H, W) float32 probability of that class
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("--device mps: MPS is not available")
+    return torch.device(name)
+
+
+def resized_size(height: int, width: int, protocol: Protocol) -> tuple[int, int]:
+    scale = protocol.short_side / min(height, width)
+    if protocol.max_long_side:
+        scale = min(scale, protocol.max_long_side / max(height, width))
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def bilinear_matrix(n_in: int, n_out: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(n_out, n_in) weights of 1-D bilinear resizing, align_corners=False, no antialias."""
+    dst = torch.arange(n_out, dtype=torch.float64, device=device)
+    src = ((dst + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    i0 = src.floor().long().clamp_max(n_in - 1)
+    i1 = (i0 + 1).clamp_max(n_in - 1)
+    frac = src - i0
+    m = torch.zeros(n_out, n_in, dtype=torch.float64, device=device)
+    m[torch.arange(n_out, device=device), i0] += 1 - frac
+    m[torch.arange(n_out, device=device), i1] += frac
+    return m.float()
+
+
+class Predictor:
+    """Runs a segmenter on RGB images under a protocol and returns full-size labels."""
+
+    def __init__(self, segmenter: Segmenter, protocol: Protocol = Protocol(), batch_size: int = 1) -> None:
+        if protocol.window and protocol.window % segmenter.pad_to:
+            raise ValueError(f"--window {protocol.window} must be a multiple of {segmenter.pad_to} for this model")
+        self.model = segmenter.eval()
+        self.protocol = protocol
+        self.batch_size = max(1, batch_size)
+        self.device = segmenter.device
+        self.mean = torch.tensor(segmenter.mean, device=self.device).view(3, 1, 1)
+        self.std = torch.tensor(segmenter.std, device=self.device).view(3, 1, 1)
+
+    def prepare(self, rgb: np.ndarray) -> torch.Tensor:
+        """RGB uint8 (H, W, 3) -> normalised float (3, H', W') at the protocol's size."""
+        h, w = rgb.shape[:2]
+        x = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1).float().div_(255)
+        size = resized_size(h, w, self.protocol)
+        if size != (h, w):
+            x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+        return (x - self.mean) / self.std
+
+    @torch.no_grad()
+    def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        prepared = [self.prepare(img) for img in images]
+        sizes = [img.shape[:2] for img in images]
+        if self.protocol.window:
+            return [self._finish(self._slide(x), 1, x.shape[1:], size) for x, size in zip(prepared, sizes)]
+        out: list[Prediction | None] = [None] * len(images)
+        padded = [self._pad(x) for x in prepared]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, x in enumerate(padded):  # equal shapes share a forward pass
+            groups.setdefault(tuple(x.shape), []).append(i)
+        for members in groups.values():
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start:start + self.batch_size]
+                logits = self.model(torch.stack([padded[i] for i in chunk]))
+                for i, lg in zip(chunk, logits):
+                    out[i] = self._finish(lg, self.model.stride, prepared[i].shape[1:], sizes[i])
+        return out  # type: ignore[return-value]
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.model.pad_to
+        return F.pad(x, (0, (-x.shape[2]) % s, 0, (-x.shape[1]) % s))
+
+    def _slide(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (K, H, W) at the resized size, averaged over overlapping windows."""
+        _, height, width = x.shape
+        win = self.protocol.window
+        step = self.protocol.window_stride or max(1, win // 2)
+        tops = _starts(height, win, step)
+        lefts = _starts(width, win, step)
+        boxes = [(t, l, min(t + win, height), min(l + win, width)) for t in tops for l in lefts]
+        total = count = None
+        for start in range(0, len(boxes), self.batch_size):
+            chunk = boxes[start:start + self.batch_size]
+            crops = [self._pad(x[:, t:b, l:r]) for t, l, b, r in chunk]
+            shape = max(c.shape[1] for c in crops), max(c.shape[2] for c in crops)
+            crops = [F.pad(c, (0, shape[1] - c.shape[2], 0, shape[0] - c.shape[1])) for c in crops]
+            logits = self.model(torch.stack(crops))
+            logits = F.interpolate(logits, scale_factor=self.model.stride, mode="bilinear", align_corners=False)
+            if total is None:
+                total = logits.new_zeros(logits.shape[1], height, width)
+                count = logits.new_zeros(1, height, width)
+            for (t, l, b, r), lg in zip(chunk, logits):
+                total[:, t:b, l:r] += lg[:, : b - t, : r - l]
+                count[:, t:b, l:r] += 1
+        return total / count
+
+    def _finish(self, logits: torch.Tensor, cell: int, resized: Sequence[int], original: Sequence[int]) -> Prediction:
+        """Logits (K, h, w) whose cells are ``cell`` resized pixels -> labels at the original size:
+        upsampled to the (padded) resized image, cropped, resized to the original, then softmax."""
+        (h, w), (rh, rw), (oh, ow) = logits.shape[1:], resized, original
+        dev = logits.device
+        my = bilinear_matrix(rh, oh, dev) @ bilinear_matrix(h, h * cell, dev)[:rh]
+        mx = bilinear_matrix(rw, ow, dev) @ bilinear_matrix(w, w * cell, dev)[:rw]
+        k = logits.shape[0]
+        cols = torch.einsum("khw,xw->khx", logits.float(), mx)  # (K, h, W0)
+        band = max(1, (1 << 24) // max(1, k * ow))
+        labels = torch.empty(oh, ow, dtype=torch.long, device=dev)
+        conf = torch.empty(oh, ow, dtype=torch.float32, device=dev)
+        for y in range(0, oh, band):
+            probs = torch.einsum("yh,khx->kyx", my[y:y + band], cols).softmax(dim=0)
+            conf[y:y + band], labels[y:y + band] = probs.max(dim=0)
+        return Prediction(labels.cpu().numpy(), conf.cpu().numpy())
+
+
+def _starts(length: int, win: int, step: int) -> list[int]:
+    if length <= win:
+        return [0]
+    starts = list(range(0, length - win, step))
+    return starts + [length - win]  # the last window ends at the border
+
+
+def to_mask(pred: Prediction, labelset: LabelSet, min_confidence: float | None = None) -> np.ndarray:
+    """Class indices as written to disk: ignored classes and unconfident pixels -> ignore index."""
+    ignore = labelset.ignore_index
+    dtype = np.uint8 if ignore == 255 else np.uint16
+    mask = pred.labels.astype(dtype)
+    ignored = [i for i, c in enumerate(labelset.classes) if c.ignore]
+    if ignored:
+        mask[np.isin(mask, ignored)] = ignore
+    threshold = labelset.min_confidence if min_confidence is None else min_confidence
+    if threshold > 0:
+        mask[pred.confidence < threshold] = ignore
+    return mask

@@ -1,0 +1,189 @@
+"""Everything annotate writes, each file atomically (temporary file in the same folder, then rename).
+
+Per image: ``masks/<key>.png`` (indexed PNG), optional ``scores/<key>.png`` and
+``overlays/<key>.jpg``, and last ``records/<key>.json`` (size, confidence, COCO RLE of each
+class). A record on disk means the image is done. ``coco.json`` is assembled from the records,
+streamed, so memory does not grow with the number of images.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image
+
+from .labelset import LabelSet
+
+IGNORE_COLOR = (224, 224, 192)  # the PASCAL VOC colour of its 255 "void" pixels
+
+MASKS, SCORES, OVERLAYS, RECORDS = "masks", "scores", "overlays", "records"
+COCO_FILE, RUN_FILE = "coco.json", "run.json"
+
+
+class OutputError(OSError):
+    """A file that could not be written; one line naming the path."""
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write ({e.strerror or e})") from None
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise OutputError(f"{path}: cannot write ({e.strerror or e})") from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def _remove(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def remove_stale_temporaries(out: str | Path) -> int:
+    """Temporary files an interrupted run left behind (``.name.XXXX.tmp``)."""
+    n = 0
+    for folder, _, files in os.walk(out):
+        for name in files:
+            if name.startswith(".") and name.endswith(".tmp"):
+                _remove(os.path.join(folder, name))
+                n += 1
+    return n
+
+
+# -- images -------------------------------------------------------------------------------------
+def encode_mask_png(mask: np.ndarray, labelset: LabelSet) -> bytes:
+    """8-bit palette PNG (pixel = class index, 255 = ignore) or, past 254 classes, 16-bit grey."""
+    if mask.dtype == np.uint8:
+        img = Image.fromarray(mask)  # mode L; putpalette makes it P
+        palette = [0] * 768
+        for i, color in enumerate(labelset.palette):
+            palette[3 * i:3 * i + 3] = color
+        palette[765:768] = IGNORE_COLOR
+        img.putpalette(palette)
+    else:
+        img = Image.fromarray(mask.astype(np.uint16))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def encode_scores_png(confidence: np.ndarray) -> bytes:
+    """Per-pixel confidence as a 16-bit grey PNG: value / 65535 = probability of the chosen class."""
+    buf = io.BytesIO()
+    Image.fromarray(np.round(np.clip(confidence, 0, 1) * 65535).astype(np.uint16)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_overlay_jpg(rgb: np.ndarray, mask: np.ndarray, labelset: LabelSet, alpha: float = 0.5) -> bytes:
+    colors = np.zeros((max(labelset.ignore_index, len(labelset)) + 1, 3), dtype=np.float32)
+    colors[: len(labelset)] = labelset.palette
+    colors[labelset.ignore_index] = IGNORE_COLOR
+    blended = (1 - alpha) * rgb.astype(np.float32) + alpha * colors[mask]
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+# -- COCO ---------------------------------------------------------------------------------------
+def image_record(rel: str, mask: np.ndarray, confidence: np.ndarray, labelset: LabelSet) -> dict[str, Any]:
+    """What coco.json needs of one image: one RLE annotation per class present (ignore excluded)."""
+    from pycocotools import mask as mask_util
+
+    height, width = mask.shape
+    present = np.unique(mask)
+    annotations = []
+    for k in present[present != labelset.ignore_index].tolist():
+        rle = mask_util.encode(np.asfortranarray(mask == k, dtype=np.uint8))
+        annotations.append({
+            "category_id": int(k) + 1,
+            "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")},
+            "area": int(mask_util.area(rle)),
+            "bbox": [float(v) for v in mask_util.toBbox(rle)],
+            "iscrowd": 0,
+        })
+    return {"file_name": rel, "width": width, "height": height,
+            "confidence": round(float(confidence.mean()), 6), "annotations": annotations}
+
+
+def coco_categories(labelset: LabelSet) -> list[dict[str, Any]]:
+    return [{"id": i + 1, "name": c.name, "supercategory": "catch_all" if c.catch_all else "class"}
+            for i, c in enumerate(labelset.classes) if not c.ignore]
+
+
+def iter_records(out: str | Path) -> Iterator[tuple[str, Path]]:
+    """(key, path) of every per-image record under ``out/records``, in sorted key order."""
+    root = Path(out) / RECORDS
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in files:
+            if name.endswith(".json") and not name.startswith("."):
+                path = Path(folder) / name
+                found.append((path.relative_to(root).with_suffix("").as_posix(), path))
+    return iter(sorted(found))
+
+
+def write_coco(out: str | Path, labelset: LabelSet, info: dict[str, Any] | None = None) -> int:
+    """Assemble ``coco.json`` from the records, streaming; returns the number of images.
+
+    Image ids follow the sorted relative paths; annotation ids count up in that order."""
+    out = Path(out)
+    records = list(iter_records(out))  # paths only; each record is read when written
+    with atomic_path(out / COCO_FILE) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write('{\n"info": ' + json.dumps(info or {}, ensure_ascii=False))
+        f.write(',\n"categories": ' + json.dumps(coco_categories(labelset), ensure_ascii=False))
+        f.write(',\n"images": [')
+        for image_id, (_, path) in enumerate(records, start=1):
+            rec = _read_record(path)
+            entry = {"id": image_id, "file_name": rec["file_name"], "width": rec["width"],
+                     "height": rec["height"], "confidence": rec.get("confidence")}
+            f.write(("\n" if image_id == 1 else ",\n") + json.dumps(entry, ensure_ascii=False))
+        f.write('\n],\n"annotations": [')
+        ann_id = 0
+        for image_id, (_, path) in enumerate(records, start=1):
+            for ann in _read_record(path)["annotations"]:
+                ann_id += 1
+                f.write(("\n" if ann_id == 1 else ",\n")
+                        + json.dumps({"id": ann_id, "image_id": image_id, **ann}, ensure_ascii=False))
+        f.write("\n]\n}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return len(records)
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise OutputError(f"{path}: unreadable record ({e}); delete it and rerun to relabel that image") from None

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny random open_clip models (registered from tests/fixtures/*.json), their
+weights saved as files, and folders of generated images."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY_CONFIGS = {"tiny-vit": FIXTURES / "tiny-vit.json", "tiny-rn": FIXTURES / "tiny-rn.json"}
+REPO = Path(__file__).parent.parent
+
+
+def build_tiny_clip(name: str, seed: int = 0):
+    import open_clip
+
+    from seglabel.models.clip import register_model_config
+
+    register_model_config(TINY_CONFIGS[name])
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name).eval()
+    # open_clip initialises ResNet batch-norm statistics to (0, 1); random ones exercise more.
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return model, open_clip.get_tokenizer(name)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> dict[str, Path]:
+    """name -> .safetensors file of a seeded random tiny model."""
+    from safetensors.torch import save_file
+
+    out = {}
+    folder = tmp_path_factory.mktemp("weights")
+    for name in TINY_CONFIGS:
+        model, _ = build_tiny_clip(name)
+        path = folder / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        out[name] = path
+    return out
+
+
+def write_images(folder: Path, names: list[str], size=(40, 56), seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    paths = []
+    for name in names:
+        p = folder / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        h, w = size
+        arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        arr[: h // 2] = (arr[: h // 2] // 4) + np.array([20, 60, 180], dtype=np.uint8)  # a blue-ish top half
+        Image.fromarray(arr).save(p)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture
+def small_labelset(tmp_path) -> Path:
+    p = tmp_path / "small.yaml"
+    p.write_text(
+        "name: small\n"
+        "templates: ['a photo of a {}.', 'a {}.']\n"
+        "classes:\n"
+        "  - sky\n"
+        "  - name: grass\n"
+        "    prompts: [grass, lawn]\n"
+        "  - name: road\n"
+        "    color: '#804080'\n"
+    )
+    return p
