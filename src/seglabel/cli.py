@@ -60,6 +60,7 @@ def annotate(
     max_long_side: int = typer.Option(2048, "--max-long-side", min=0, help="...unless the long side exceeds this (0: no cap)."),
     window: int = typer.Option(0, "--window", min=0, help="Sliding-window size in resized pixels (0: whole image)."),
     window_stride: int = typer.Option(0, "--window-stride", min=0, help="Sliding-window stride (0: half the window)."),
+    tta: bool = typer.Option(False, "--tta", help="LSeg's official multi-scale + flip + 480 sliding window (slow)."),
     key_smoothing: bool = typer.Option(True, "--key-smoothing/--no-key-smoothing", help="MaskCLIP key smoothing."),
     prompt_denoising: bool = typer.Option(True, "--prompt-denoising/--no-prompt-denoising", help="MaskCLIP prompt denoising."),
     min_confidence: Optional[float] = typer.Option(None, "--min-confidence", min=0.0, max=1.0,
@@ -89,7 +90,9 @@ def annotate(
         if dry_run:
             todo, done = plan(found.items, out, overwrite)
             return _print_plan(todo, done, found.problems, as_json)
-        protocol = Protocol(short_side, max_long_side, window, window_stride)
+        if tta and window:
+            fail("--tta and --window are two different protocols: give one")
+        protocol = Protocol(short_side, max_long_side, window, window_stride, tta)
         config = AnnotateConfig(out=out, overwrite=overwrite, overlay=overlay, save_scores=save_scores,
                                 min_confidence=min_confidence, batch_size=batch_size, max_pixels=max_pixels,
                                 protocol=protocol)
@@ -210,6 +213,11 @@ def _print_summary(summary) -> None:
                f"{rate} -> {summary.out}" + (" (interrupted)" if summary.interrupted else ""), err=True)
     for path, reason in summary.failures:
         typer.echo(f"  failed: {path}: {reason}", err=True)
+
+
+from .cli_distill import distill  # noqa: E402  (its heavy imports are inside the command)
+
+app.command("distill")(distill)
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ class Protocol:
     max_long_side: int = 2048  # ... unless the long side would exceed this
     window: int = 0  # sliding-window crop size in resized pixels; 0 = whole image
     window_stride: int = 0  # 0 = half the window
+    tta: bool = False  # LSeg's official multi-scale + flip + 480 sliding window (see tta.py)
 
 
 @dataclass
@@ -91,6 +92,8 @@ class Predictor:
 
     @torch.no_grad()
     def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        if self.protocol.tta:
+            return [self._tta(img) for img in images]
         prepared = [self.prepare(img) for img in images]
         sizes = [img.shape[:2] for img in images]
         if self.protocol.window:
@@ -107,6 +110,22 @@ class Predictor:
                 for i, lg in zip(chunk, logits):
                     out[i] = self._finish(lg, self.model.stride, prepared[i].shape[1:], sizes[i])
         return out  # type: ignore[return-value]
+
+    def _tta(self, rgb: np.ndarray) -> Prediction:
+        from .tta import multiscale_logits
+
+        h, w = rgb.shape[:2]
+        x = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1).float().div_(255)
+        cap = self.protocol.max_long_side
+        if cap and max(h, w) > cap:  # only huge photos are reduced first
+            s = cap / max(h, w)
+            x = F.interpolate(x[None], size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
+                              align_corners=False, antialias=True)[0]
+        x = (x - self.mean) / self.std
+        k = min(1.0, 910 / max(x.shape[1:]))  # no scale exceeds ceil(520 * 1.75) px: bounds K*H*W memory
+        size = (max(1, round(x.shape[1] * k)), max(1, round(x.shape[2] * k)))
+        logits = multiscale_logits(self.model, x, out_size=size)
+        return self._finish(logits, 1, logits.shape[1:], (h, w))
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         s = self.model.pad_to

@@ -30,8 +30,22 @@ def build_maskclip(name: str, pretrained: str | None = "openai", cache_dir: str 
     return model
 
 
+def build_student(path: str, **options: Any) -> Segmenter:
+    from .deeplab import build_student as build
+
+    return build(path, **options)
+
+
+def build_lseg(path: str, **options: Any) -> Segmenter:
+    from .lseg import build_lseg as build
+
+    return build(path, **options)
+
+
 SEGMENTERS: dict[str, Callable[..., Segmenter]] = {
     "maskclip": build_maskclip,
+    "lseg": build_lseg,
+    "student": build_student,
 }
 
 

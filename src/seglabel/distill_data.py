@@ -1,0 +1,231 @@
+"""Training data of ``seglabel distill``: (image, pseudo-mask) pairs matched by relative path,
+checked before training starts, and MaskCLIP+'s augmentations (mmseg's pipeline: rescale 0.5-2,
+crop, flip, photometric distortion, normalise, pad).
+
+Every random draw of sample ``n`` comes from a generator seeded with (seed, n), so a batch depends
+only on the iteration number: resuming, worker counts and ranks never change what is seen.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .images import ImageError, find_images, load_image
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; one line naming the folder or file and the problem."""
+
+
+@dataclass
+class Pair:
+    key: str  # relative path without suffix
+    image: Path
+    mask: Path | None  # None: labels come from an online teacher
+
+
+@dataclass
+class PairScan:
+    pairs: list[Pair]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def report(self, limit: int = 5) -> str:
+        lines = [f"{len(self.pairs)} training pairs" + (f", {len(self.skipped)} skipped:" if self.skipped else "")]
+        lines += [f"  skipped: {p}: {r}" for p, r in self.skipped[:limit]]
+        if len(self.skipped) > limit:
+            lines.append(f"  ... and {len(self.skipped) - limit} more")
+        return "\n".join(lines)
+
+
+def mask_files(folder: Path) -> dict[str, Path]:
+    """PNG masks under ``folder`` keyed by relative path without suffix (hidden entries skipped)."""
+    out: dict[str, Path] = {}
+    for path in sorted(folder.rglob("*.png")):
+        rel = path.relative_to(folder)
+        if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+            out[rel.with_suffix("").as_posix()] = path
+    return out
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(H, W) as ``load_image`` will return it: EXIF rotations swap the sides."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except OSError as e:
+        raise ImageError(path, f"not an image PIL can read ({e})") from None
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
+def read_mask(path: Path, ignore_index: int) -> np.ndarray:
+    """Class ids as int64; 255 of an 8-bit mask is ignore whatever the label set (as annotate writes)."""
+    with Image.open(path) as im:
+        if im.mode not in ("P", "L", "I", "I;16", "I;16L", "I;16B"):
+            raise ValueError(f"a {im.mode} image, not single-channel class ids")
+        raw = np.asarray(im)
+    ids = raw.astype(np.int64)
+    if raw.dtype == np.uint8:
+        ids[raw == 255] = ignore_index
+    return ids
+
+
+def scan_pairs(images: Path, masks: Path | None, num_classes: int, ignore_index: int) -> PairScan:
+    """Match images and masks by relative path and check each mask: readable, the image's size,
+    class ids inside the label set. Problems become reported skips; no usable pair is an error."""
+    if not images.is_dir():
+        raise DataError(f"{images}: no such image folder (--images)")
+    found = find_images([images])
+    skipped = [(p.path, p.reason) for p in found.problems]
+    if masks is None:
+        return PairScan([Pair(i.key, i.path, None) for i in found.items], skipped)
+    if not masks.is_dir():
+        raise DataError(f"{masks}: no such mask folder")
+    by_key = mask_files(masks)
+    pairs = []
+    for item in found.items:
+        mask = by_key.pop(item.key, None)
+        if mask is None:
+            skipped.append((str(item.path), f"no mask {item.key}.png in {masks}"))
+            continue
+        try:
+            ids = read_mask(mask, ignore_index)
+            size = image_size(item.path)
+        except (OSError, ValueError, ImageError) as e:
+            skipped.append((str(mask), f"cannot be read: {e}"))
+            continue
+        if ids.shape != size:
+            skipped.append((str(mask), f"size {ids.shape[1]}x{ids.shape[0]} differs from its image "
+                                       f"{size[1]}x{size[0]}"))
+            continue
+        bad = ids[((ids >= num_classes) & (ids != ignore_index)) | (ids < 0)]
+        if bad.size:
+            skipped.append((str(mask), f"class id {int(bad.max())} is outside the label set "
+                                       f"(0..{num_classes - 1}, {ignore_index} = ignore)"))
+            continue
+        pairs.append(Pair(item.key, item.path, mask))
+    skipped += [(str(p), "mask without an image") for p in by_key.values()]
+    if not pairs:
+        first = f" (first problem: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise DataError(f"no usable (image, mask) pair in {images} and {masks}{first}")
+    return PairScan(pairs, skipped)
+
+
+@dataclass(frozen=True)
+class Augment:
+    crop: int = 512
+    base_size: int = 512  # before the random factor, the short side is resized to this
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75  # mmseg: retry crops that one class fills more than this
+    flip: bool = True
+    photometric: bool = True
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Item ``n`` (a global sample number) -> (normalised image crop, int64 mask crop).
+
+    The sample number picks the pair (a fresh permutation per epoch) and seeds the augmentation.
+    Without masks (online teacher), the mask is 0 on the image and ``ignore`` on the padding."""
+
+    def __init__(self, pairs: list[Pair], aug: Augment, mean, std, ignore_index: int, seed: int = 0):
+        self.pairs, self.aug, self.ignore, self.seed = pairs, aug, ignore_index, seed
+        self.mean = torch.tensor(mean).view(3, 1, 1) * 255
+        self.std = torch.tensor(std).view(3, 1, 1) * 255
+
+    def __len__(self) -> int:
+        return 1 << 62  # indexed by sample number, never iterated to the end
+
+    def pair_index(self, n: int) -> int:
+        epoch, pos = divmod(n, len(self.pairs))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return int(torch.randperm(len(self.pairs), generator=g)[pos])
+
+    def __getitem__(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pair = self.pairs[self.pair_index(n)]
+        try:
+            rgb = load_image(pair.image)
+            mask = read_mask(pair.mask, self.ignore) if pair.mask else np.zeros(rgb.shape[:2], np.int64)
+        except (ImageError, OSError, ValueError) as e:  # changed on disk since the scan
+            print(f"warning: {pair.image}: skipped this time ({e})", file=sys.stderr)
+            return self[n + 1]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * n + 1)
+        return self.augment(torch.from_numpy(rgb).permute(2, 0, 1).float(), torch.from_numpy(mask), g)
+
+    def augment(self, img: torch.Tensor, mask: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.aug
+        rand = lambda: float(torch.rand((), generator=g))  # noqa: E731
+        h, w = img.shape[1:]
+        factor = a.scale_range[0] + rand() * (a.scale_range[1] - a.scale_range[0])
+        scale = a.base_size * factor / min(h, w)
+        size = max(1, round(h * scale)), max(1, round(w * scale))
+        img = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False, antialias=scale < 1)[0]
+        mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        img, mask = self.random_crop(img, mask, rand)
+        if a.flip and rand() < 0.5:
+            img, mask = img.flip(-1), mask.flip(-1)
+        if a.photometric:
+            img = photometric_distortion(img, rand)
+        img = (img - self.mean) / self.std
+        ph, pw = a.crop - img.shape[1], a.crop - img.shape[2]
+        img = F.pad(img, (0, pw, 0, ph), value=0.0)  # 0 after normalising: the mean colour, as mmseg
+        mask = F.pad(mask, (0, pw, 0, ph), value=self.ignore)
+        return img, mask
+
+    def random_crop(self, img, mask, rand):
+        c = self.aug.crop
+        h, w = mask.shape
+        for _ in range(10):
+            top, left = int(rand() * (max(h - c, 0) + 1)), int(rand() * (max(w - c, 0) + 1))
+            m = mask[top:top + c, left:left + c]
+            _, counts = m[m != self.ignore].unique(return_counts=True)
+            if len(counts) > 1 and counts.max() / counts.sum() < self.aug.cat_max_ratio:
+                break
+        return img[:, top:top + c, left:left + c], m
+
+
+def photometric_distortion(img: torch.Tensor, rand) -> torch.Tensor:
+    """mmseg's PhotoMetricDistortion on a 0-255 float image: brightness +-32, contrast 0.5-1.5,
+    saturation 0.5-1.5, hue +-18 (of 180), each with probability 1/2, contrast first or last."""
+    from torchvision.transforms.v2 import functional as TF
+
+    uniform = lambda lo, hi: lo + rand() * (hi - lo)  # noqa: E731
+    if rand() < 0.5:
+        img = img + uniform(-32, 32)
+    contrast_first = rand() < 0.5
+    if contrast_first and rand() < 0.5:
+        img = img * uniform(0.5, 1.5)
+    img = img.clamp(0, 255) / 255
+    if rand() < 0.5:
+        img = TF.adjust_saturation(img, uniform(0.5, 1.5))
+    if rand() < 0.5:
+        img = TF.adjust_hue(img, uniform(-18, 18) / 180)
+    img = img * 255
+    if not contrast_first and rand() < 0.5:
+        img = img * uniform(0.5, 1.5)
+    return img.clamp(0, 255)
+
+
+class SampleNumbers(torch.utils.data.Sampler):
+    """The sample numbers rank ``rank`` reads from iteration ``start`` on: iteration i of the global
+    batch B holds numbers i*B .. i*B+B-1, and each rank takes its consecutive share."""
+
+    def __init__(self, start: int, iters: int, global_batch: int, rank: int, world: int):
+        self.start, self.iters, self.b, self.rank, self.local = start, iters, global_batch, rank, global_batch // world
+
+    def __iter__(self):
+        for i in range(self.start, self.iters):
+            first = i * self.b + self.rank * self.local
+            yield from range(first, first + self.local)
+
+    def __len__(self) -> int:
+        return (self.iters - self.start) * self.local
+
+
+def worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers are processes already; threads would oversubscribe the cores
