@@ -140,3 +140,13 @@ def test_unsupported_tower_is_refused():
 
     with pytest.raises(ValueError, match="ViT and ModifiedResNet"):
         MaskCLIP(Fake())
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
+def test_trimmed_text_encoder_equals_encode_text(name):
+    from seglabel.models.clip import text_encoder
+
+    model, tokenizer = build_tiny_clip(name, seed=4)
+    tokens = tokenizer(["a photo of a traffic light.", "sky", "there is the potted plant in the scene."])
+    with torch.no_grad():
+        torch.testing.assert_close(text_encoder(model)(tokens), model.encode_text(tokens), atol=1e-5, rtol=1e-5)

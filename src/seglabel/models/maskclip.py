@@ -74,8 +74,10 @@ class MaskCLIP(Segmenter):
         if self.tokenizer is None:
             raise ValueError("MaskCLIP.set_labels needs the model's tokenizer (MaskCLIP(clip, tokenizer=...))")
         device = next(self.clip.parameters()).device
+        from .clip import text_encoder
+
         self.text_embeddings = encode_prompts(
-            self.clip.encode_text, self.tokenizer, labelset.prompts, labelset_templates(labelset), device
+            text_encoder(self.clip), self.tokenizer, labelset.prompts, labelset_templates(labelset), device
         )
         self.prompt_class = labelset.prompt_class
         self.num_classes = len(labelset)
