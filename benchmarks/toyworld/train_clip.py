@@ -122,6 +122,28 @@ def encode_image_and_dense(model, x):
     return pooled @ v.proj, dense
 
 
+def filip_loss(patches, cls_txt, scale, keys):
+    """FILIP-style token-wise contrastive loss between MaskCLIP patch embeddings ``(N, P, D)``
+    and the single-class prompt embeddings ``(C, D)`` of the classes a caption names.
+
+    Image i vs caption j: the mean over patches of the best match among j's classes, averaged
+    with the mean over j's classes of their best-matching patch; then the same soft-target
+    InfoNCE as ``clip_loss``. Only image-level caption content is used (no masks)."""
+    n_cls = cls_txt.shape[0]
+    named = ((keys[:, None] >> torch.arange(n_cls)[None, :]) & 1).bool()  # (N captions, C)
+    sims = patches @ cls_txt.T  # (N images, P, C)
+    neg = torch.finfo(sims.dtype).min
+    masked = sims[:, None].masked_fill(~named[None, :, None, :], neg)  # (Ni, Nj, P, C)
+    i2t = masked.max(-1).values.mean(-1)  # every patch finds its class in the caption
+    per_cls = sims.max(1).values  # (Ni, C) best patch per class
+    t2i = (per_cls[:, None, :] * named[None]).sum(-1) / named.sum(-1)[None]
+    logits = scale * 0.5 * (i2t + t2i)
+    same = (keys[:, None] == keys[None, :]).float()
+    target = same / same.sum(1, keepdim=True)
+    return 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
+                  + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean())
+
+
 def param_groups(model, wd: float):
     decay, no_decay = [], []
     for n, p in model.named_parameters():
@@ -154,7 +176,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear warmup")
     p.add_argument("--p-simple", type=float, default=0.2, help="share of one-stuff, 0-1-thing scenes")
     p.add_argument("--dense-loss", type=float, default=0.0,
-                   help="weight of the contrastive loss on mean-pooled MaskCLIP patch embeddings (ViT)")
+                   help="weight of the FILIP-style loss on MaskCLIP patch embeddings (ViT), 0: plain CLIP")
     p.add_argument("--p-zoom", type=float, default=0.0, help="share of close-ups (scenes zoomed 1-max-zoom x)")
     p.add_argument("--max-zoom", type=float, default=3.0)
     p.add_argument("--size", type=int, default=64)
@@ -182,6 +204,7 @@ def main(argv=None) -> None:
         t = (step - warm) / max(1, a.steps - warm)
         return a.lr * 0.5 * (1 + math.cos(math.pi * t))
 
+    class_tokens = tokenizer([TRAIN_TEMPLATES[0].format(p) for p in scenes.PROMPTS])
     model.train()
     t0 = time.time()
     run = 0.0
@@ -198,9 +221,9 @@ def main(argv=None) -> None:
         txt = F.normalize(model.encode_text(tokenizer(caps)), dim=-1)
         loss = clip_loss(img, txt, model.logit_scale.exp(), keys)
         if dense is not None:
-            # the same contrastive loss on the mean of the normalised value-path patch embeddings
-            pooled_dense = F.normalize(F.normalize(dense, dim=-1).mean(1), dim=-1)
-            loss = loss + a.dense_loss * clip_loss(pooled_dense, txt, model.logit_scale.exp(), keys)
+            cls_txt = F.normalize(model.encode_text(class_tokens), dim=-1)
+            loss = loss + a.dense_loss * filip_loss(F.normalize(dense, dim=-1), cls_txt,
+                                                    model.logit_scale.exp(), keys)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
