@@ -14,6 +14,16 @@ TINY_CONFIGS = {"tiny-vit": FIXTURES / "tiny-vit.json", "tiny-rn": FIXTURES / "t
 REPO = Path(__file__).parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def text_cache(tmp_path_factory) -> Path:
+    """Every test run (and the CLI it starts) caches text embeddings in its own folder."""
+    import os
+
+    folder = tmp_path_factory.mktemp("text-cache")
+    os.environ["SEGLABEL_TEXT_CACHE"] = str(folder)
+    return folder
+
+
 def build_tiny_clip(name: str, seed: int = 0):
     import open_clip
 

@@ -68,6 +68,20 @@ def bilinear_matrix(n_in: int, n_out: int, device: torch.device | str = "cpu") -
     return m.float()
 
 
+def prepare_image(rgb: np.ndarray, protocol: Protocol, mean: Sequence[float] | torch.Tensor,
+                  std: Sequence[float] | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """RGB uint8 (H, W, 3) -> normalised float (3, H', W') resized to the protocol's size
+    (antialiased bilinear). A plain function so loader processes can run it."""
+    h, w = rgb.shape[:2]
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(2, 0, 1).float().div_(255)
+    size = resized_size(h, w, protocol)
+    if size != (h, w):
+        x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
+
+
 class Predictor:
     """Runs a segmenter on RGB images under a protocol and returns full-size labels."""
 
@@ -83,22 +97,22 @@ class Predictor:
 
     def prepare(self, rgb: np.ndarray) -> torch.Tensor:
         """RGB uint8 (H, W, 3) -> normalised float (3, H', W') at the protocol's size."""
-        h, w = rgb.shape[:2]
-        x = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1).float().div_(255)
-        size = resized_size(h, w, self.protocol)
-        if size != (h, w):
-            x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-        return (x - self.mean) / self.std
+        return prepare_image(rgb, self.protocol, self.mean, self.std, self.device)
 
     @torch.no_grad()
     def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         if self.protocol.tta:
             return [self._tta(img) for img in images]
-        prepared = [self.prepare(img) for img in images]
-        sizes = [img.shape[:2] for img in images]
+        return self.predict_prepared([self.prepare(img) for img in images], [img.shape[:2] for img in images])
+
+    @torch.no_grad()
+    def predict_prepared(self, prepared: Sequence[torch.Tensor], sizes: Sequence[Sequence[int]]) -> list[Prediction]:
+        """Like ``predict`` for images already through ``prepare_image`` (e.g. in a loader
+        process); ``sizes`` are the original (H, W). Not for the TTA protocol."""
+        prepared = [x.to(self.device, non_blocking=True) for x in prepared]
         if self.protocol.window:
             return [self._finish(self._slide(x), 1, x.shape[1:], size) for x, size in zip(prepared, sizes)]
-        out: list[Prediction | None] = [None] * len(images)
+        out: list[Prediction | None] = [None] * len(prepared)
         padded = [self._pad(x) for x in prepared]
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, x in enumerate(padded):  # equal shapes share a forward pass

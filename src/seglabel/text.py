@@ -1,7 +1,12 @@
 """Label set -> CLIP text embeddings: prompts put into templates, encoded, averaged per prompt."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,3 +69,53 @@ def class_max(prompt_scores: torch.Tensor, prompt_class: Sequence[int], num_clas
     out = prompt_scores.new_full(shape, float("-inf"))
     view = [1, -1] + [1] * (prompt_scores.dim() - 2)
     return out.scatter_reduce(1, index.view(view).expand_as(prompt_scores), prompt_scores, reduce="amax")
+
+
+# -- on-disk cache ------------------------------------------------------------------------------
+# Encoding 85 templates x classes takes tens of seconds on a CPU; reruns and shards of one job
+# read the result instead. The key covers everything that decides the embeddings.
+def text_cache_dir() -> Path | None:
+    """``$SEGLABEL_TEXT_CACHE`` (``off`` disables), else ``$XDG_CACHE_HOME/seglabel/text``."""
+    env = os.environ.get("SEGLABEL_TEXT_CACHE")
+    if env is not None:
+        return None if env.strip().lower() in ("", "off", "0", "none") else Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seglabel" / "text"
+
+
+def weights_identity(path_or_tag: str | None) -> Any:
+    """A local weights file is known by path, size and mtime (hashing gigabytes would take
+    longer than encoding); anything else (a pretrained tag) by its name."""
+    if path_or_tag and os.path.isfile(path_or_tag):
+        st = os.stat(path_or_tag)
+        return [os.path.realpath(path_or_tag), st.st_size, st.st_mtime_ns]
+    return path_or_tag
+
+
+def cached_text_embeddings(identity: dict[str, Any] | None, prompts: Sequence[str], templates: Sequence[str],
+                           compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``compute()`` once per (model identity, prompts, templates); later calls read the file.
+    ``identity`` None (a model built by hand) or no cache dir: always compute."""
+    folder = text_cache_dir()
+    if identity is None or folder is None:
+        return compute()
+    key = json.dumps({"id": identity, "prompts": list(prompts), "templates": list(templates)}, sort_keys=True)
+    path = folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    try:
+        return load_file(str(path))["embeddings"]
+    except Exception:  # missing, or a damaged file: recompute and replace it
+        pass
+    emb = compute()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        save_file({"embeddings": emb.detach().float().cpu().contiguous()}, tmp, metadata={"key": key})
+        os.replace(tmp, path)
+    except OSError:
+        pass  # an unwritable cache only costs time
+    finally:
+        if "tmp" in locals() and os.path.exists(tmp):
+            os.unlink(tmp)
+    return emb

@@ -29,6 +29,17 @@ class Segmenter(nn.Module):
     def set_labels(self, labelset: LabelSet) -> None:
         raise NotImplementedError
 
+    def text_identity(self) -> dict[str, Any] | None:
+        """What decides this model's text embeddings, keying the on-disk cache (None: no cache).
+        Set by ``load_segmenter``: the spec and the weights it was built from."""
+        spec, info = getattr(self, "spec", None), getattr(self, "weights_info", None)
+        if spec is None or not info:
+            return None
+        from ..text import weights_identity
+
+        return {"spec": spec, "weights": weights_identity(info.get("weights_file") or info.get("pretrained")),
+                "quick_gelu": info.get("quick_gelu")}
+
     def describe(self) -> dict[str, Any]:
         """What the run record says about the model beyond its spec and weights."""
         return {}

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..checkpoints import CheckpointError, load_weights
 from ..labelset import LabelSet
-from ..text import class_max, encode_prompts
+from ..text import cached_text_embeddings, class_max, encode_prompts
 from .base import Segmenter
 from .lseg_net import LOGIT_SCALE, LSegConfig, LSegNet, build_lseg_net
 
@@ -190,8 +190,10 @@ class LSeg(Segmenter):
         from open_clip.tokenizer import SimpleTokenizer
 
         tokenizer = SimpleTokenizer(context_length=self.net.cfg.text["context_length"])
-        self.text_embeddings = encode_prompts(self.net.encode_text, tokenizer, labelset.prompts, (),
-                                              self.device)
+        self.text_embeddings = cached_text_embeddings(
+            self.text_identity(), labelset.prompts, (),
+            lambda: encode_prompts(self.net.encode_text, tokenizer, labelset.prompts, (), self.device),
+        ).to(self.device)
         self.prompt_class = labelset.prompt_class
         self.num_classes = len(labelset)
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..labelset import LabelSet
 from ..refine import key_smoothing, prompt_denoising
-from ..text import class_max, encode_prompts, labelset_templates
+from ..text import cached_text_embeddings, class_max, encode_prompts, labelset_templates
 from .base import Segmenter
 
 # Softmax temperature of CLIP (exp of its logit scale), used by the official refinements
@@ -76,9 +76,11 @@ class MaskCLIP(Segmenter):
         device = next(self.clip.parameters()).device
         from .clip import text_encoder
 
-        self.text_embeddings = encode_prompts(
-            text_encoder(self.clip), self.tokenizer, labelset.prompts, labelset_templates(labelset), device
-        )
+        templates = labelset_templates(labelset)
+        self.text_embeddings = cached_text_embeddings(
+            self.text_identity(), labelset.prompts, templates,
+            lambda: encode_prompts(text_encoder(self.clip), self.tokenizer, labelset.prompts, templates, device),
+        ).to(device)
         self.prompt_class = labelset.prompt_class
         self.num_classes = len(labelset)
 
