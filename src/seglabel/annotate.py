@@ -5,6 +5,7 @@ command skips what is done and labels the rest; ``overwrite`` relabels everythin
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
@@ -15,14 +16,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
 from . import __version__, exitcodes
-from .images import DEFAULT_MAX_PIXELS, ImageError, ImageItem, load_image
-from .labelset import LabelSet
+from .images import DEFAULT_MAX_PIXELS, ImageError, ImageItem
+from .labelset import LabelSet, parse_labelset
+from .loader import Loaded, default_workers, load_images
 from .models.base import Segmenter
 from .predict import Prediction, Predictor, Protocol, to_mask
-from .writers import (MASKS, OVERLAYS, RECORDS, RUN_FILE, SCORES, encode_mask_png, encode_overlay_jpg,
-                      encode_scores_png, image_record, remove_stale_temporaries, write_bytes, write_coco,
-                      write_json)
+from .runs import RUNS, RunError, read_records, record_path, run_lock, unfinished_shards
+from .writers import (MASKS, OVERLAYS, PER_IMAGE, RECORDS, RUN_FILE, SCORES, BackgroundWriter, OutputError,
+                      encode_mask_png, encode_overlay_jpg, encode_scores_png, image_record,
+                      remove_stale_temporaries, write_bytes, write_coco, write_json)
 
 
 class SettingsMismatch(ValueError):
@@ -39,6 +44,11 @@ class AnnotateConfig:
     batch_size: int = 1
     max_pixels: int = DEFAULT_MAX_PIXELS
     protocol: Protocol = field(default_factory=Protocol)
+    workers: int | None = None  # loader processes; None: loader.default_workers(device)
+    writer_threads: int = 2
+    precision: str = "fp32"  # fp32 | fp16 | bf16 (autocast around the model only)
+    compile: bool = False  # torch.compile the model's forward (pays off on long GPU runs)
+    part: str | None = None  # this run is one part of a job (a shard, a Ray actor): no coco.json
 
 
 @dataclass
@@ -92,64 +102,171 @@ def settings_of(labelset: LabelSet, segmenter: Segmenter, config: AnnotateConfig
 
 
 def check_settings(out: Path, settings: dict[str, Any]) -> None:
-    run_file = out / RUN_FILE
-    if not run_file.is_file():
-        return
-    try:
-        previous = json.loads(run_file.read_text(encoding="utf-8")).get("settings")
-    except (OSError, ValueError):
-        return  # unreadable run record: it is rewritten by this run
-    if previous and previous != settings:
-        changed = sorted(k for k in settings if previous.get(k) != settings[k])
-        raise SettingsMismatch(
-            f"{out}: holds labels made with other settings (changed: {', '.join(changed)}); "
-            f"use another --out, or delete {out} to start over")
+    """Refuse to mix labels made with other settings into ``out`` (whole runs and shards alike)."""
+    for _, record in read_records(out):
+        previous = record.get("settings")
+        if previous and previous != settings:
+            changed = sorted(k for k in settings if previous.get(k) != settings[k])
+            raise SettingsMismatch(
+                f"{out}: holds labels made with other settings (changed: {', '.join(changed)}); "
+                f"use another --out, or delete {out} to start over")
 
 
 def annotate(items: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSet, config: AnnotateConfig,
              problems: Sequence[ImageError] = (), on_image: Callable[[ImageItem, str | None], None] | None = None,
              argv: Sequence[str] | None = None) -> Summary:
     """Label ``items`` into ``config.out``; returns what happened. ``on_image(item, error)`` is
-    called after each image (error None on success) for progress reporting."""
+    called after each image (error None on success) for progress reporting.
+
+    A pipeline: loader processes decode and resize, the model runs on batches of equal-size
+    inputs, writer threads encode and write; an image is done when its record is written."""
     out = Path(config.out)
-    settings = settings_of(labelset, segmenter, config)
-    check_settings(out, settings)
-    if out.exists():
-        remove_stale_temporaries(out)
-    todo, done = plan(items, out, config.overwrite)
-    summary = Summary(out=str(out), total=len(items) + len(problems), skipped=len(done))
-    summary.failures.extend((p.path, p.reason) for p in problems)
-    record = _run_record(labelset, segmenter, config, settings, argv)
-    write_json(out / RUN_FILE, {**record, "status": "running"})
-    predictor = Predictor(segmenter, config.protocol, config.batch_size)
-    start = time.perf_counter()
-    try:
-        for i in range(0, len(todo), config.batch_size):
-            batch, images = [], []
-            for item in todo[i:i + config.batch_size]:
-                try:
-                    images.append(load_image(item.path, config.max_pixels))
-                    batch.append(item)
-                except ImageError as e:
-                    summary.failures.append((str(item.path), e.reason))
-                    on_image and on_image(item, e.reason)
-            for item, rgb, pred in zip(batch, images, predictor.predict(images) if images else []):
-                _write_image(out, item, rgb, pred, labelset, config)
-                summary.labelled += 1
-                on_image and on_image(item, None)
-    except KeyboardInterrupt:
-        summary.interrupted = True
-    finally:
-        summary.seconds = time.perf_counter() - start
-        write_coco(out, labelset, info=_coco_info(labelset, record))
-        status = "interrupted" if summary.interrupted else "done"
-        write_json(out / RUN_FILE, {**record, "status": status, "summary": summary.to_dict()})
+    with run_lock(out, config.part):
+        settings = settings_of(labelset, segmenter, config)
+        check_settings(out, settings)
+        remove_stale_temporaries(out, None if config.part is None else _owned_by(out, items))
+        todo, done = plan(items, out, config.overwrite)
+        summary = Summary(out=str(out), total=len(items) + len(problems), skipped=len(done))
+        summary.failures.extend((p.path, p.reason) for p in problems)
+        record = _run_record(labelset, segmenter, config, settings, argv)
+        write_json(record_path(out, config.part), {**record, "status": "running"})
+        start = time.perf_counter()
+        status = "failed"
+        try:
+            _label(todo, segmenter, labelset, config, summary, on_image or (lambda item, error: None))
+            status = "done"
+        except KeyboardInterrupt:
+            summary.interrupted, status = True, "interrupted"
+        finally:
+            summary.seconds = time.perf_counter() - start
+            _finish_run(out, labelset, config, record, status, summary)
     return summary
+
+
+def _label(todo: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSet, config: AnnotateConfig,
+           summary: Summary, on_image: Callable[[ImageItem, str | None], None]) -> None:
+    device = segmenter.device
+    if device.type == "cuda":
+        segmenter.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+    if config.compile and not hasattr(segmenter.forward, "_torchdynamo_orig_callable"):
+        segmenter.forward = torch.compile(segmenter.forward, dynamic=True)
+    predictor = Predictor(segmenter, config.protocol, config.batch_size)
+    workers = default_workers(device) if config.workers is None else config.workers
+    loaded = load_images(todo, config.protocol, segmenter.mean, segmenter.std, config.max_pixels,
+                         keep_rgb=config.overlay, workers=workers, pin_memory=device.type == "cuda")
+    writer = BackgroundWriter(config.writer_threads, limit=2 * config.batch_size + 2)
+    buckets: dict[tuple, list[Loaded]] = {}  # equal input shapes batch together
+
+    def finished(items: list[ImageItem]) -> None:
+        for item in items:
+            summary.labelled += 1
+            on_image(item, None)
+
+    def run(batch: list[Loaded]) -> None:
+        for ld, pred in zip(batch, _predict(predictor, batch, config.precision)):
+            finished(writer.submit(ld.item, _write_image, out, ld.item, ld.rgb, pred, labelset, config))
+
+    out = Path(config.out)
+    try:
+        for ld in loaded:
+            if ld.error is not None:
+                summary.failures.append((str(ld.item.path), ld.error))
+                on_image(ld.item, ld.error)
+                continue
+            bucket = buckets.setdefault(tuple(ld.tensor.shape) if ld.tensor is not None else (), [])
+            bucket.append(ld)
+            if len(bucket) >= config.batch_size:
+                run(buckets.pop(tuple(ld.tensor.shape) if ld.tensor is not None else ()))
+            elif sum(map(len, buckets.values())) > 4 * config.batch_size:  # odd sizes: bound the wait
+                run(buckets.pop(max(buckets, key=lambda k: len(buckets[k]))))
+        for key in list(buckets):
+            run(buckets.pop(key))
+        finished(writer.drain())
+    except BaseException:
+        # Ctrl-C or an error: images already predicted are written (finish the image in flight),
+        # those not yet predicted are left for the rerun.
+        try:
+            finished(writer.drain())
+        except Exception:  # noqa: BLE001 - the first error is the one to report
+            pass
+        raise
+    finally:
+        writer.close()
+
+
+def _owned_by(out: Path, items: Sequence[ImageItem]) -> Callable[[Path], bool]:
+    """Which per-image output files belong to ``items`` (a part's own share of ``out``)."""
+    keys = {item.key for item in items}
+
+    def owned(target: Path) -> bool:
+        rel = target.relative_to(out)
+        return len(rel.parts) > 1 and rel.parts[0] in PER_IMAGE and \
+            Path(*rel.parts[1:]).with_suffix("").as_posix() in keys
+    return owned
+
+
+def _predict(predictor: Predictor, batch: list[Loaded], precision: str) -> list[Prediction]:
+    """Predictions for a batch; on CUDA out-of-memory the batch size is halved and the batch retried."""
+    while True:
+        try:
+            with _autocast(predictor.device, precision):
+                if predictor.protocol.tta:
+                    return predictor.predict([ld.rgb for ld in batch])
+                return predictor.predict_prepared([ld.tensor for ld in batch], [ld.size for ld in batch])
+        except torch.OutOfMemoryError:
+            if predictor.batch_size == 1:
+                raise
+            predictor.batch_size //= 2
+            if predictor.device.type == "cuda":
+                torch.cuda.empty_cache()
+            print(f"seglabel: out of memory: batch size halved to {predictor.batch_size}", file=sys.stderr)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _finish_run(out: Path, labelset: LabelSet, config: AnnotateConfig, record: dict[str, Any], status: str,
+                summary: Summary) -> None:
+    """coco.json (whole runs only) and the final run record, even after Ctrl-C or an error."""
+    try:
+        if config.part is None:
+            write_coco(out, labelset, info=_coco_info(labelset, record))
+        write_json(record_path(out, config.part), {**record, "status": status, "summary": summary.to_dict()})
+    except OutputError:
+        if status != "failed":  # a write error of its own; else the first error is the one to report
+            raise
+
+
+def merge(out: str | Path) -> int:
+    """Assemble ``OUT/coco.json`` from the records of every shard; returns the number of images.
+    Refused while shards are missing, unfinished or running."""
+    out = Path(out)
+    if not (out / RUNS).is_dir():
+        raise RunError(f"{out}: no shard records in {out / RUNS}; nothing to merge")
+    with run_lock(out, None):
+        count, problems = unfinished_shards(out)
+        if problems:
+            raise RunError(f"{out}: cannot merge: {'; '.join(problems)}")
+        parts = {part: rec for part, rec in read_records(out) if part is not None}
+        first = parts[sorted(parts)[0]]
+        labelset = parse_labelset(first["labelset"], source=first.get("labelset_source") or str(out))
+        check_settings(out, first["settings"])
+        n = write_coco(out, labelset, info=_coco_info(labelset, first))
+        totals = {k: sum(int(r.get("summary", {}).get(k) or 0) for r in parts.values())
+                  for k in ("labelled", "skipped")}
+        write_json(out / RUN_FILE, {**first, "status": "done", "merged": sorted(parts), "summary": {
+            "out": str(out), "images": n, **totals,
+            "failures": [f for r in parts.values() for f in r.get("summary", {}).get("failures", [])]}})
+    return n
 
 
 def _write_image(out: Path, item: ImageItem, rgb, pred: Prediction, labelset: LabelSet, config: AnnotateConfig) -> None:
     mask = to_mask(pred, labelset, config.min_confidence)
-    write_bytes(out / MASKS / f"{item.key}.png", encode_mask_png(mask, labelset))
+    write_bytes(out / MASKS / f"{item.key}.png", encode_mask_png(mask))
     if config.save_scores:
         write_bytes(out / SCORES / f"{item.key}.png", encode_scores_png(pred.confidence))
     if config.overlay:
@@ -168,8 +285,10 @@ def _run_record(labelset: LabelSet, segmenter: Segmenter, config: AnnotateConfig
         "device": str(segmenter.device),
         "python": platform.python_version(),
         "settings": settings,
+        "part": config.part,
         "options": {"overlay": config.overlay, "save_scores": config.save_scores,
-                    "batch_size": config.batch_size, "max_pixels": config.max_pixels},
+                    "batch_size": config.batch_size, "max_pixels": config.max_pixels,
+                    "workers": config.workers, "precision": config.precision},
         "labelset": labelset.to_dict(),
         "labelset_source": labelset.source,
     }

@@ -68,6 +68,11 @@ def annotate(
     overlay: bool = typer.Option(False, "--overlay", help="Also write colour overlays (overlays/*.jpg)."),
     save_scores: bool = typer.Option(False, "--save-scores", help="Also write per-pixel confidence (scores/*.png)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Relabel images that are already done."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: label every N-th input from the I-th "
+                                        "(default: a Slurm array's task id/count); then `seglabel merge OUT`."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Image loader processes (default: 1 on a CPU, up to 8 on a GPU)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16 (autocast around the model)."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model (long GPU runs)."),
     max_pixels: int = typer.Option(178_956_970, "--max-pixels", min=1, help="Refuse images with more pixels."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be done; load no model."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
@@ -80,11 +85,16 @@ def annotate(
         from .images import find_images, read_lines
         from .models.registry import load_segmenter
         from .predict import Protocol, resolve_device
+        from .runs import parse_shard, select_shard, shard_part
 
         if not inputs and not from_list:
             fail("give image files or folders, or --from-list")
         labelset = load_labelset(labels)
         found = find_images(inputs or [], read_lines(from_list) if from_list else [], exclude=[out])
+        shard_spec = parse_shard(shard)
+        found.items = select_shard(found.items, shard_spec)
+        if shard_spec and shard_spec[0] != 0:
+            found.problems = []  # unreadable list entries are reported once, by shard 0
         if not found.items and not found.problems:
             fail("no images found (looked for " + ", ".join(sorted({".jpg", ".png", ".webp", ".bmp", ".tif"})) + ")")
         if dry_run:
@@ -93,9 +103,12 @@ def annotate(
         if tta and window:
             fail("--tta and --window are two different protocols: give one")
         protocol = Protocol(short_side, max_long_side, window, window_stride, tta)
+        if precision not in ("fp32", "fp16", "bf16"):
+            fail(f"--precision {precision}: choose fp32, fp16 or bf16")
         config = AnnotateConfig(out=out, overwrite=overwrite, overlay=overlay, save_scores=save_scores,
                                 min_confidence=min_confidence, batch_size=batch_size, max_pixels=max_pixels,
-                                protocol=protocol)
+                                protocol=protocol, workers=workers, precision=precision, compile=compile_model,
+                                part=shard_part(shard_spec))
         segmenter = load_segmenter(
             model, labelset, pretrained=pretrained, cache_dir=cache_dir, device=resolve_device(device),
             model_config=str(model_config) if model_config else None,
@@ -107,6 +120,20 @@ def annotate(
         elif not quiet:
             _print_summary(summary)
         return summary.exit_code
+
+    run_guarded(run)
+
+
+@app.command()
+def merge(out: Path = typer.Argument(..., help="Output folder the shards wrote into.")) -> None:
+    """Write OUT/coco.json from every shard's records, once all shards have finished."""
+
+    def run() -> int:
+        from .annotate import merge as merge_shards
+
+        n = merge_shards(out)
+        typer.echo(f"{n} images -> {out / 'coco.json'}", err=True)
+        return exitcodes.OK
 
     run_guarded(run)
 
@@ -213,6 +240,57 @@ def _print_summary(summary) -> None:
                f"{rate} -> {summary.out}" + (" (interrupted)" if summary.interrupted else ""), err=True)
     for path, reason in summary.failures:
         typer.echo(f"  failed: {path}: {reason}", err=True)
+
+
+@app.command("preview")
+def preview(
+    out: Path = typer.Argument(..., help="annotate's output folder."),
+    images: List[Path] = typer.Option([], "--images", help="Folder the photos were labelled from (if not where run.json says)."),
+    per_page: int = typer.Option(100, "--per-page", min=1, help="Cards per HTML page."),
+    open_browser: bool = typer.Option(False, "--open", help="Open the contact sheet in the browser."),
+) -> None:
+    """Write OUT/preview/index.html: every image under its labels, least confident first."""
+
+    def run() -> int:
+        import webbrowser
+
+        from .review import build_preview
+
+        result = build_preview(out, images, per_page=per_page)
+        if result.missing_photos:
+            typer.echo(f"{len(result.missing_photos)} photos not found, drawn on grey (first: "
+                       f"{result.missing_photos[0]}); pass --images DIR", err=True)
+        typer.echo(f"{result.images} images on {result.pages} pages ({result.drawn} drawn) -> {result.index}", err=True)
+        typer.echo(str(result.index))
+        if open_browser:
+            webbrowser.open(result.index.resolve().as_uri())
+        return exitcodes.OK
+
+    run_guarded(run)
+
+
+@app.command("export")
+def export(
+    out: Path = typer.Argument(..., help="annotate's output folder."),
+    fmt: str = typer.Option(..., "--format", "-f", help="cvat, labelstudio or fiftyone."),
+    dest: Optional[Path] = typer.Option(None, "--dest", help="Output folder (default: OUT/export/FORMAT)."),
+    images: List[Path] = typer.Option([], "--images", help="Folder the photos were labelled from (if not where run.json says)."),
+    document_root: Optional[Path] = typer.Option(None, "--document-root",
+                                                 help="labelstudio: LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; image paths relative to it."),
+) -> None:
+    """Export the labels for review in CVAT, Label Studio or FiftyOne."""
+
+    def run() -> int:
+        from .exports import export as run_export
+
+        result = run_export(out, fmt, dest, images, document_root)
+        for note in result.notes:
+            typer.echo(note, err=True)
+        typer.echo(f"{result.images} images -> {result.dest}", err=True)
+        typer.echo(str(result.dest))
+        return exitcodes.OK
+
+    run_guarded(run)
 
 
 from .cli_distill import distill  # noqa: E402  (its heavy imports are inside the command)

@@ -385,5 +385,5 @@ def validate(model: DeepLabV2Student, cfg: DistillConfig, labelset: LabelSet) ->
     with tempfile.TemporaryDirectory(prefix="seglabel-val-") as tmp:
         for item in find_images([cfg.val_images]).items:
             pred = predictor.predict([load_image(item.path)])[0]
-            write_bytes(Path(tmp) / f"{item.key}.png", encode_mask_png(to_mask(pred, labelset, 0.0), labelset))
+            write_bytes(Path(tmp) / f"{item.key}.png", encode_mask_png(to_mask(pred, labelset, 0.0)))
         return evaluate_folders(tmp, cfg.val_masks, labelset).miou

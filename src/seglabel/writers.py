@@ -1,6 +1,6 @@
 """Everything annotate writes, each file atomically (temporary file in the same folder, then rename).
 
-Per image: ``masks/<key>.png`` (indexed PNG), optional ``scores/<key>.png`` and
+Per image: ``masks/<key>.png`` (grayscale PNG of class indices), optional ``scores/<key>.png`` and
 ``overlays/<key>.jpg``, and last ``records/<key>.json`` (size, confidence, COCO RLE of each
 class). A record on disk means the image is done. ``coco.json`` is assembled from the records,
 streamed, so memory does not grow with the number of images.
@@ -11,9 +11,11 @@ import io
 import json
 import os
 import tempfile
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -23,6 +25,7 @@ from .labelset import LabelSet
 IGNORE_COLOR = (224, 224, 192)  # the PASCAL VOC colour of its 255 "void" pixels
 
 MASKS, SCORES, OVERLAYS, RECORDS = "masks", "scores", "overlays", "records"
+PER_IMAGE = (MASKS, SCORES, OVERLAYS, RECORDS)
 COCO_FILE, RUN_FILE = "coco.json", "run.json"
 
 
@@ -70,29 +73,28 @@ def _remove(path: str | Path) -> None:
         pass
 
 
-def remove_stale_temporaries(out: str | Path) -> int:
-    """Temporary files an interrupted run left behind (``.name.XXXX.tmp``)."""
+def remove_stale_temporaries(out: str | Path, owned: Callable[[Path], bool] | None = None) -> int:
+    """Temporary files an interrupted run left behind (``.name.XXXX.tmp``). With ``owned``, only
+    those whose target file it accepts: a shard must not delete another shard's files in flight."""
     n = 0
     for folder, _, files in os.walk(out):
         for name in files:
             if name.startswith(".") and name.endswith(".tmp"):
-                _remove(os.path.join(folder, name))
-                n += 1
+                target = Path(folder) / name[1:].rsplit(".", 2)[0]
+                if owned is None or owned(target):
+                    _remove(os.path.join(folder, name))
+                    n += 1
     return n
 
 
 # -- images -------------------------------------------------------------------------------------
-def encode_mask_png(mask: np.ndarray, labelset: LabelSet) -> bytes:
-    """8-bit palette PNG (pixel = class index, 255 = ignore) or, past 254 classes, 16-bit grey."""
-    if mask.dtype == np.uint8:
-        img = Image.fromarray(mask)  # mode L; putpalette makes it P
-        palette = [0] * 768
-        for i, color in enumerate(labelset.palette):
-            palette[3 * i:3 * i + 3] = color
-        palette[765:768] = IGNORE_COLOR
-        img.putpalette(palette)
-    else:
-        img = Image.fromarray(mask.astype(np.uint16))
+def encode_mask_png(mask: np.ndarray) -> bytes:
+    """Grayscale PNG, pixel = class index (255 = ignore); 16-bit past 254 classes.
+
+    Not a palette PNG: OpenCV (and so CVAT, FiftyOne and most training code) reads a palette
+    PNG as three colour channels, while a grayscale one reads as indices everywhere. Colour
+    lives in overlays and previews."""
+    img = Image.fromarray(mask if mask.dtype == np.uint8 else mask.astype(np.uint16))
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False)
     return buf.getvalue()
@@ -187,3 +189,39 @@ def _read_record(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise OutputError(f"{path}: unreadable record ({e}); delete it and rerun to relabel that image") from None
+
+
+class BackgroundWriter:
+    """Runs write jobs on a few threads so the model does not wait for PNG/RLE encoding or the
+    disk. At most ``limit`` jobs wait (bounded memory); results come back in submission order,
+    and a job's error (e.g. a full disk) is raised in the caller at the next ``submit``/``drain``."""
+
+    def __init__(self, threads: int = 2, limit: int = 16) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="seglabel-write")
+        self.limit = max(1, limit)
+        self.pending: deque[tuple[Future, Any]] = deque()
+
+    def submit(self, tag: Any, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """Queue ``fn(*args)``; returns the tags of jobs finished so far (oldest first)."""
+        done = self._collect(block_until=self.limit - 1)
+        self.pending.append((self.pool.submit(fn, *args), tag))
+        return done
+
+    def drain(self) -> list[Any]:
+        """Wait for every queued job; returns their tags."""
+        return self._collect(block_until=0)
+
+    def close(self) -> None:
+        """Finish queued jobs, ignoring their errors (used while another error propagates)."""
+        for future, _ in self.pending:
+            future.exception()
+        self.pending.clear()
+        self.pool.shutdown(wait=True)
+
+    def _collect(self, block_until: int) -> list[Any]:
+        done = []
+        while self.pending and (len(self.pending) > block_until or self.pending[0][0].done()):
+            future, tag = self.pending.popleft()
+            future.result()  # re-raises the job's error here
+            done.append(tag)
+        return done

@@ -1,0 +1,80 @@
+"""The input side of annotate: decode and resize images ahead of the model, in worker processes.
+
+Each image becomes a ``Loaded``: the model-ready tensor (or the reason it could not be read).
+With ``workers=0`` everything runs in the calling process, one image at a time.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .images import ImageError, ImageItem, load_image
+from .predict import Protocol, prepare_image
+
+
+@dataclass
+class Loaded:
+    item: ImageItem
+    tensor: torch.Tensor | None = None  # (3, H', W') normalised, resized; None for TTA or on error
+    size: tuple[int, int] = (0, 0)  # original (H, W)
+    rgb: np.ndarray | None = None  # the decoded image, kept when a writer needs it (overlays, TTA)
+    error: str | None = None
+
+    def pin_memory(self) -> "Loaded":  # called by DataLoader(pin_memory=True): faster host-to-GPU copies
+        if self.tensor is not None:
+            self.tensor = self.tensor.pin_memory()
+        return self
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, items: Sequence[ImageItem], protocol: Protocol, mean, std, max_pixels: int,
+                 keep_rgb: bool) -> None:
+        self.items, self.protocol, self.max_pixels, self.keep_rgb = list(items), protocol, max_pixels, keep_rgb
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Loaded:
+        item = self.items[i]
+        try:
+            rgb = load_image(item.path, self.max_pixels)
+        except ImageError as e:
+            return Loaded(item, error=e.reason)
+        size = (int(rgb.shape[0]), int(rgb.shape[1]))
+        if self.protocol.tta:  # multi-scale TTA resizes per scale itself: hand over the pixels
+            return Loaded(item, None, size, rgb)
+        x = prepare_image(rgb, self.protocol, self.mean, self.std)
+        return Loaded(item, x, size, rgb if self.keep_rgb else None)
+
+
+def default_workers(device: torch.device) -> int:
+    """Loader processes: on an accelerator, enough to keep it fed; on a CPU the model already uses
+    every core, so one loader overlaps decoding with the forward pass without crowding it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cpu":
+        return 1 if cores > 1 else 0
+    return max(1, min(8, cores - 1))
+
+
+def load_images(items: Sequence[ImageItem], protocol: Protocol, mean, std, max_pixels: int,
+                keep_rgb: bool = False, workers: int = 0, pin_memory: bool = False,
+                prefetch: int = 4) -> Iterator[Loaded]:
+    """Yield a ``Loaded`` per item, in order; with ``workers`` > 0 up to ``workers * prefetch``
+    images are decoded ahead."""
+    dataset = _Images(items, protocol, mean, std, max_pixels, keep_rgb)
+    if workers <= 0 or len(dataset) <= 1:
+        yield from (dataset[i] for i in range(len(dataset)))
+        return
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=min(workers, len(dataset)),
+        collate_fn=_identity, pin_memory=pin_memory, prefetch_factor=prefetch)
+    yield from loader
+
+
+def _identity(x: Loaded) -> Loaded:
+    return x

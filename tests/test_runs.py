@@ -1,0 +1,179 @@
+"""Runs meeting each other and the world, through the real CLI: shards and merge, the lock,
+SIGKILL and rerun, Ctrl-C, and a full disk."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_CONFIGS, write_images
+from seglabel.runs import parse_shard, run_lock, select_shard
+from test_annotate_cli import annotate
+
+# -- shards -----------------------------------------------------------------------------------------
+
+
+def coco_content(path: Path) -> dict:
+    coco = json.loads(path.read_text())
+    coco["info"].pop("date_created")  # when the run started
+    return coco
+
+
+def test_parse_and_select_shards():
+    assert parse_shard("2/8") == (2, 8) and parse_shard(None, env={}) is None
+    assert parse_shard(None, env={"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4"}) == (3, 4)
+    assert parse_shard(None, env={"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "4",
+                                  "SLURM_ARRAY_TASK_MIN": "1"}) == (3, 4)  # --array=1-4
+    for bad in ("8/8", "1", "a/b", "-1/2"):
+        with pytest.raises(ValueError, match="I/N"):
+            parse_shard(bad)
+    items = list(range(10))
+    parts = [select_shard(items, (i, 3)) for i in range(3)]
+    assert sorted(sum(parts, [])) == items and parts[0] == [0, 3, 6, 9]
+
+
+def test_shards_then_merge_equal_one_run(tmp_path, small_labelset, tiny_weights):
+    photos = tmp_path / "photos"
+    write_images(photos, [f"x/{i:02d}.png" for i in range(7)])
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    assert annotate([photos], whole, small_labelset, tiny_weights).returncode == 0
+
+    r = annotate([photos], sharded, small_labelset, tiny_weights, "tiny-vit", "--shard", "0/3")
+    assert r.returncode == 0, r.stderr
+    assert not (sharded / "coco.json").exists()  # a shard leaves coco.json to the merge
+    r = subprocess.run([sys.executable, "-m", "seglabel", "merge", str(sharded)], capture_output=True, text=True)
+    assert r.returncode == 2 and "shard 1/3 has not run" in r.stderr and "shard 2/3" in r.stderr
+
+    slurm = {**os.environ, "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3"}  # the default --shard
+    r = subprocess.run([sys.executable, "-m", "seglabel", "annotate", str(photos), "--labels", str(small_labelset),
+                        "--out", str(sharded), "--model", "maskclip:tiny-vit", "--model-config",
+                        str(TINY_CONFIGS["tiny-vit"]), "--pretrained", str(tiny_weights["tiny-vit"]),
+                        "--short-side", "64"], capture_output=True, text=True, env=slurm)
+    assert r.returncode == 0, r.stderr
+    assert annotate([photos], sharded, small_labelset, tiny_weights, "tiny-vit", "--shard", "2/3").returncode == 0
+    assert sorted(p.name for p in (sharded / "runs").glob("*.json")) == [
+        "shard-0-of-3.json", "shard-1-of-3.json", "shard-2-of-3.json"]
+    r = subprocess.run([sys.executable, "-m", "seglabel", "merge", str(sharded)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert coco_content(sharded / "coco.json") == coco_content(whole / "coco.json")
+    for mask in (whole / "masks").rglob("*.png"):
+        assert (sharded / mask.relative_to(whole)).read_bytes() == mask.read_bytes()
+    merged = json.loads((sharded / "run.json").read_text())
+    assert merged["summary"]["labelled"] == 7 and len(merged["merged"]) == 3
+
+
+def test_second_run_on_a_busy_out_is_refused(tmp_path, small_labelset, tiny_weights):
+    photos = tmp_path / "photos"
+    write_images(photos, ["a.png", "b.png"])
+    out = tmp_path / "out"
+    with run_lock(out, None):  # another whole run holds the folder
+        r = annotate([photos], out, small_labelset, tiny_weights)
+        assert r.returncode == 2 and "another seglabel run is writing here" in r.stderr
+        r = annotate([photos], out, small_labelset, tiny_weights, "tiny-vit", "--shard", "0/2")
+        assert r.returncode == 2
+    assert not (out / "masks").exists()
+    with run_lock(out, "shard-0-of-2"):  # a running shard: other shards go ahead, a whole run waits
+        assert annotate([photos], out, small_labelset, tiny_weights, "tiny-vit", "--shard", "1/2").returncode == 0
+        assert annotate([photos], out, small_labelset, tiny_weights).returncode == 2
+
+
+# -- kills ------------------------------------------------------------------------------------------
+
+
+def annotate_argv(photos, out, labels, weights):
+    return [sys.executable, "-m", "seglabel", "annotate", str(photos), "--labels", str(labels), "--out", str(out),
+            "--model", "maskclip:tiny-vit", "--model-config", str(TINY_CONFIGS["tiny-vit"]),
+            "--pretrained", str(weights["tiny-vit"]), "--short-side", "64", "--overlay", "--quiet"]
+
+
+def temporaries(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*.tmp")]
+
+
+def test_sigkill_at_random_points_then_rerun_gives_identical_outputs(tmp_path, small_labelset, tiny_weights):
+    photos = tmp_path / "photos"
+    write_images(photos, [f"{i:03d}.png" for i in range(60)], size=(72, 96))
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    assert subprocess.run(annotate_argv(photos, reference, small_labelset, tiny_weights)).returncode == 0
+
+    rng = random.Random(20261123)
+    argv = annotate_argv(photos, killed, small_labelset, tiny_weights)
+    kills = 0
+    for _ in range(6):
+        proc = subprocess.Popen(argv, start_new_session=True)
+        start = time.monotonic()
+        while not (killed / "masks").exists() and time.monotonic() - start < 60 and proc.poll() is None:
+            time.sleep(0.02)  # wait for labelling to start: kill while files are being written
+        time.sleep(rng.uniform(0.0, 0.6))
+        if proc.poll() is not None:
+            break
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and its loader processes, as the OOM killer would
+        proc.wait()
+        kills += 1
+    assert kills >= 2  # the kills did land mid-run
+    done = subprocess.run(argv, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not temporaries(killed)
+    ref = {p.relative_to(reference): p.read_bytes() for p in reference.rglob("*") if p.suffix in (".png", ".jpg")}
+    got = {p.relative_to(killed): p.read_bytes() for p in killed.rglob("*") if p.suffix in (".png", ".jpg")}
+    assert len(ref) == 120 and got == ref
+    assert coco_content(killed / "coco.json") == coco_content(reference / "coco.json")
+
+
+def test_ctrl_c_finishes_in_flight_images_and_exits_130(tmp_path, small_labelset, tiny_weights):
+    photos = tmp_path / "photos"
+    write_images(photos, [f"{i:03d}.png" for i in range(400)], size=(72, 96))
+    out = tmp_path / "out"
+    argv = annotate_argv(photos, out, small_labelset, tiny_weights)[:-1]  # with the summary on stderr
+    proc = subprocess.Popen(argv, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    start = time.monotonic()
+    while len(list((out / "records").glob("*.json"))) < 3 and time.monotonic() - start < 120:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "(interrupted)" in err and "labelled" in err
+    records = {p.stem for p in (out / "records").glob("*.json")}
+    masks = {p.stem for p in (out / "masks").glob("*.png")}
+    assert 3 <= len(records) < 400 and records <= masks  # every recorded image has its mask
+    assert not temporaries(out)
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "interrupted" and run["summary"]["labelled"] == len(records)
+    assert len(json.loads((out / "coco.json").read_text())["images"]) == len(records)
+    r = subprocess.run(argv + ["--json"], capture_output=True, text=True)  # the rerun resumes
+    summary = json.loads(r.stdout)
+    assert r.returncode == 0 and summary["skipped"] == len(records) and summary["labelled"] == 400 - len(records)
+
+
+# -- write errors -----------------------------------------------------------------------------------
+
+
+def _small_disk():  # the child sees a disk on which no file may exceed 64 bytes
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write(), not death by signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+
+
+def test_full_disk_is_a_clear_error_and_earlier_outputs_stay(tmp_path, small_labelset, tiny_weights):
+    photos = tmp_path / "photos"
+    write_images(photos, ["a.png", "b.png"])
+    out = tmp_path / "out"
+    argv = annotate_argv(photos, out, small_labelset, tiny_weights)
+    assert subprocess.run(argv).returncode == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    write_images(photos, ["c.png", "d.png"], seed=3)
+    r = subprocess.run(argv[:-1], capture_output=True, text=True, preexec_fn=_small_disk)
+    assert r.returncode == 1
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("seglabel: error:") and str(out) in line and "cannot write" in line
+    assert {p: p.read_bytes() for p in before} == before  # nothing earlier was lost or truncated
+    assert not temporaries(out) and not (out / "records" / "c.json").exists()
+    assert subprocess.run(argv).returncode == 0  # with room again, the rerun completes
+    assert len(json.loads((out / "coco.json").read_text())["images"]) == 4
