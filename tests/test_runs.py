@@ -67,7 +67,7 @@ def test_shards_then_merge_equal_one_run(tmp_path, small_labelset, tiny_weights)
     for mask in (whole / "masks").rglob("*.png"):
         assert (sharded / mask.relative_to(whole)).read_bytes() == mask.read_bytes()
     merged = json.loads((sharded / "run.json").read_text())
-    assert merged["summary"]["labelled"] == 7 and len(merged["merged"]) == 3
+    assert merged["summary"]["images"] == 7 and len(merged["merged"]) == 3
 
 
 def test_second_run_on_a_busy_out_is_refused(tmp_path, small_labelset, tiny_weights):

@@ -49,6 +49,7 @@ class AnnotateConfig:
     precision: str = "fp32"  # fp32 | fp16 | bf16 (autocast around the model only)
     compile: bool = False  # torch.compile the model's forward (pays off on long GPU runs)
     part: str | None = None  # this run is one part of a job (a shard, a Ray actor): no coco.json
+    cleanup: bool = True  # look for temporaries a killed run left (a walk of ``out``)
 
 
 @dataclass
@@ -124,7 +125,8 @@ def annotate(items: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSe
     with run_lock(out, config.part):
         settings = settings_of(labelset, segmenter, config)
         check_settings(out, settings)
-        remove_stale_temporaries(out, None if config.part is None else _owned_by(out, items))
+        if config.cleanup:
+            remove_stale_temporaries(out, None if config.part is None else _owned_by(out, items))
         todo, done = plan(items, out, config.overwrite)
         summary = Summary(out=str(out), total=len(items) + len(problems), skipped=len(done))
         summary.failures.extend((p.path, p.reason) for p in problems)
@@ -248,7 +250,8 @@ def merge(out: str | Path) -> int:
     if not (out / RUNS).is_dir():
         raise RunError(f"{out}: no shard records in {out / RUNS}; nothing to merge")
     with run_lock(out, None):
-        count, problems = unfinished_shards(out)
+        remove_stale_temporaries(out)  # no part is running: whatever is left is stale
+        _, problems = unfinished_shards(out)
         if problems:
             raise RunError(f"{out}: cannot merge: {'; '.join(problems)}")
         parts = {part: rec for part, rec in read_records(out) if part is not None}
@@ -256,10 +259,9 @@ def merge(out: str | Path) -> int:
         labelset = parse_labelset(first["labelset"], source=first.get("labelset_source") or str(out))
         check_settings(out, first["settings"])
         n = write_coco(out, labelset, info=_coco_info(labelset, first))
-        totals = {k: sum(int(r.get("summary", {}).get(k) or 0) for r in parts.values())
-                  for k in ("labelled", "skipped")}
-        write_json(out / RUN_FILE, {**first, "status": "done", "merged": sorted(parts), "summary": {
-            "out": str(out), "images": n, **totals,
+        # Each part's record holds its latest run: failures still standing after any reruns.
+        write_json(out / RUN_FILE, {**first, "part": None, "status": "done", "merged": sorted(parts), "summary": {
+            "out": str(out), "images": n,
             "failures": [f for r in parts.values() for f in r.get("summary", {}).get("failures", [])]}})
     return n
 

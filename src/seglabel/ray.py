@@ -1,0 +1,69 @@
+"""Label with Ray Data: one model per actor, the same outputs as ``seglabel annotate``.
+
+    import ray
+    from seglabel.ray import Annotator, list_images
+
+    ds = ray.data.from_items(list_images(["./photos"]))
+    results = ds.map_batches(Annotator, fn_constructor_kwargs={"out": "labels", "labels": "street.yaml"},
+                             batch_size=16, concurrency=4, num_gpus=1).materialize()
+    # then `seglabel merge labels` writes labels/coco.json
+
+Each actor is one part of the job (``OUT/runs/ray-<host>-<pid>.json``); rows come back with a
+``status`` column (``done``, ``skipped`` or ``failed: reason``). Needs ``pip install seglabel[ray]``.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .annotate import AnnotateConfig, annotate
+from .images import ImageItem, find_images
+from .labelset import load_labelset
+from .models.registry import DEFAULT_MODEL, load_segmenter
+from .predict import Protocol, resolve_device
+
+
+def list_images(inputs: Sequence[str | Path]) -> list[dict[str, str]]:
+    """Rows ``{"path", "rel"}`` for ``ray.data.from_items``, found as the CLI finds them; inputs
+    that cannot be used raise (one line per problem)."""
+    found = find_images([Path(p) for p in inputs])
+    if found.problems:
+        raise ValueError("; ".join(str(p) for p in found.problems))
+    return [{"path": str(item.path), "rel": item.rel} for item in found.items]
+
+
+class Annotator:
+    """A callable class for ``Dataset.map_batches``: builds the segmenter once, then labels each
+    batch of rows (columns ``path`` and ``rel``) into ``out``."""
+
+    def __init__(self, out: str | Path, labels: str | Path, model: str = DEFAULT_MODEL,
+                 pretrained: str | None = "openai", device: str = "auto", protocol: Protocol | None = None,
+                 batch_size: int = 1, overlay: bool = False, save_scores: bool = False,
+                 min_confidence: float | None = None, **model_options: Any) -> None:
+        self.labelset = load_labelset(labels)
+        self.segmenter = load_segmenter(model, self.labelset, pretrained=pretrained, device=resolve_device(device),
+                                        **model_options)
+        self.config = AnnotateConfig(
+            out=Path(out), batch_size=batch_size, overlay=overlay, save_scores=save_scores,
+            min_confidence=min_confidence, protocol=protocol or Protocol(),
+            workers=0,  # Ray already runs the actors in parallel; decode in the actor
+            part=f"ray-{socket.gethostname()}-{os.getpid()}")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        items = [ImageItem(Path(str(p)), str(r)) for p, r in zip(batch["path"], batch["rel"])]
+        status = {item.key: "skipped" for item in items}  # what annotate reports no outcome for was done before
+
+        def on_image(item: ImageItem, error: str | None) -> None:
+            status[item.key] = "done" if error is None else f"failed: {error}"
+
+        annotate(items, self.segmenter, self.labelset, self.config, on_image=on_image,
+                 argv=["seglabel.ray.Annotator"])
+        # Stale temporaries are looked for once per actor; `seglabel merge` clears any others.
+        self.config = replace(self.config, cleanup=False)
+        return {"path": np.asarray([str(i.path) for i in items]), "rel": np.asarray([i.rel for i in items]),
+                "status": np.asarray([status[i.key] for i in items])}
