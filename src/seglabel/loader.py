@@ -53,11 +53,12 @@ class _Images(torch.utils.data.Dataset):
 
 
 def default_workers(device: torch.device) -> int:
-    """Loader processes: on an accelerator, enough to keep it fed; on a CPU the model already uses
-    every core, so one loader overlaps decoding with the forward pass without crowding it."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """Loader processes: on an accelerator enough to keep it fed. On a CPU none: decoding and
+    resizing cost under 1% of a CPU forward pass, and a loader process would take cores from
+    the model's threads (oversubscribed OpenMP threads slow every forward pass)."""
     if device.type == "cpu":
-        return 1 if cores > 1 else 0
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(8, cores - 1))
 
 
