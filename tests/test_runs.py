@@ -105,7 +105,7 @@ def test_sigkill_at_random_points_then_rerun_gives_identical_outputs(tmp_path, s
     assert subprocess.run(annotate_argv(photos, reference, small_labelset, tiny_weights)).returncode == 0
 
     rng = random.Random(20261123)
-    argv = annotate_argv(photos, killed, small_labelset, tiny_weights)
+    argv = annotate_argv(photos, killed, small_labelset, tiny_weights) + ["--workers", "1"]  # a loader process too
     kills = 0
     for _ in range(6):
         proc = subprocess.Popen(argv, start_new_session=True)
@@ -132,7 +132,7 @@ def test_ctrl_c_finishes_in_flight_images_and_exits_130(tmp_path, small_labelset
     photos = tmp_path / "photos"
     write_images(photos, [f"{i:03d}.png" for i in range(400)], size=(72, 96))
     out = tmp_path / "out"
-    argv = annotate_argv(photos, out, small_labelset, tiny_weights)[:-1]  # with the summary on stderr
+    argv = annotate_argv(photos, out, small_labelset, tiny_weights)[:-1] + ["--workers", "1"]  # summary on stderr
     proc = subprocess.Popen(argv, start_new_session=True, stderr=subprocess.PIPE, text=True)
     start = time.monotonic()
     while len(list((out / "records").glob("*.json"))) < 3 and time.monotonic() - start < 120:

@@ -46,6 +46,7 @@ def run_guarded(fn: Callable[[], int]) -> None:
 
 @app.command()
 def annotate(
+    ctx: typer.Context,
     inputs: List[Path] = typer.Argument(None, help="Image files and folders (walked recursively)."),
     labels: Path = typer.Option(..., "--labels", "-l", help="Label set YAML."),
     out: Path = typer.Option(Path("labels"), "--out", "-o", help="Output folder."),
@@ -61,8 +62,17 @@ def annotate(
     window: int = typer.Option(0, "--window", min=0, help="Sliding-window size in resized pixels (0: whole image)."),
     window_stride: int = typer.Option(0, "--window-stride", min=0, help="Sliding-window stride (0: half the window)."),
     tta: bool = typer.Option(False, "--tta", help="LSeg's official multi-scale + flip + 480 sliding window (slow)."),
-    key_smoothing: bool = typer.Option(True, "--key-smoothing/--no-key-smoothing", help="MaskCLIP key smoothing."),
-    prompt_denoising: bool = typer.Option(True, "--prompt-denoising/--no-prompt-denoising", help="MaskCLIP prompt denoising."),
+    method: str = typer.Option("maskclip", "--method", help="Training-free method of maskclip:NAME models: "
+                               "maskclip, clearclip, sclip, naclip or scclip (the last four: ViT only)."),
+    pamr: bool = typer.Option(False, "--pamr", help="Refine the upsampled logits with PAMR (NACLIP's option)."),
+    protocol_name: str = typer.Option("default", "--protocol", help="default (short side 512, whole image) or "
+                                      "paper (the method's own; --short-side/--window given too win)."),
+    logit_scale: Optional[float] = typer.Option(None, "--logit-scale", min=0.0, help="Softmax scale of the "
+                                                "confidence (default: the method's: 100, ClearCLIP 50, others 40)."),
+    key_smoothing: Optional[bool] = typer.Option(None, "--key-smoothing/--no-key-smoothing",
+                                                 help="MaskCLIP key smoothing (default: on for --method maskclip)."),
+    prompt_denoising: Optional[bool] = typer.Option(None, "--prompt-denoising/--no-prompt-denoising",
+                                                    help="MaskCLIP prompt denoising (default: on for --method maskclip)."),
     min_confidence: Optional[float] = typer.Option(None, "--min-confidence", min=0.0, max=1.0,
                                                    help="Pixels less confident than this are written as 255."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write colour overlays (overlays/*.jpg)."),
@@ -70,7 +80,7 @@ def annotate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Relabel images that are already done."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: label every N-th input from the I-th "
                                         "(default: a Slurm array's task id/count); then `seglabel merge OUT`."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Image loader processes (default: 1 on a CPU, up to 8 on a GPU)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Image loader processes (default: none on a CPU, up to 8 on a GPU)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16 (autocast around the model)."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model (long GPU runs)."),
     max_pixels: int = typer.Option(178_956_970, "--max-pixels", min=1, help="Refuse images with more pixels."),
@@ -102,7 +112,13 @@ def annotate(
             return _print_plan(todo, done, found.problems, as_json)
         if tta and window:
             fail("--tta and --window are two different protocols: give one")
-        protocol = Protocol(short_side, max_long_side, window, window_stride, tta)
+        if method != "maskclip" and not model.startswith("maskclip:"):
+            raise ValueError(f"--method {method} applies to maskclip:NAME models")
+        if protocol_name not in ("default", "paper"):
+            raise ValueError(f"--protocol {protocol_name}: choose default or paper")
+        protocol = Protocol(short_side, max_long_side, window, window_stride, tta, pamr=pamr)
+        if protocol_name == "paper":
+            protocol = _paper_protocol(ctx, method, protocol)
         if precision not in ("fp32", "fp16", "bf16"):
             fail(f"--precision {precision}: choose fp32, fp16 or bf16")
         config = AnnotateConfig(out=out, overwrite=overwrite, overlay=overlay, save_scores=save_scores,
@@ -112,7 +128,9 @@ def annotate(
         segmenter = load_segmenter(
             model, labelset, pretrained=pretrained, cache_dir=cache_dir, device=resolve_device(device),
             model_config=str(model_config) if model_config else None,
-            key_smoothing=key_smoothing, prompt_denoising=prompt_denoising)
+            method=method, logit_scale=logit_scale,  # MaskCLIP's refinements: on for maskclip unless asked
+            key_smoothing=method == "maskclip" if key_smoothing is None else key_smoothing,
+            prompt_denoising=method == "maskclip" if prompt_denoising is None else prompt_denoising)
         with _progress(len(found.items), quiet or as_json) as on_image:
             summary = run_annotate(found.items, segmenter, labelset, config, found.problems, on_image, sys.argv)
         if as_json:
@@ -122,6 +140,21 @@ def annotate(
         return summary.exit_code
 
     run_guarded(run)
+
+
+def _paper_protocol(ctx: typer.Context, method: str, given):
+    """``--protocol paper``: the method's own short side, window and stride (models/trainingfree.py);
+    --short-side, --max-long-side, --window, --window-stride given on the command line win."""
+    import dataclasses
+
+    from .models.trainingfree import paper_protocol
+
+    fields = ("short_side", "max_long_side", "window", "window_stride")
+    explicit = {f: getattr(given, f) for f in fields
+                if getattr(ctx.get_parameter_source(f), "name", "") == "COMMANDLINE"}
+    if "window" in explicit and "window_stride" not in explicit:
+        explicit["window_stride"] = given.window_stride  # half the given window, not the paper's stride
+    return dataclasses.replace(paper_protocol(method), tta=given.tta, pamr=given.pamr, **explicit)
 
 
 @app.command()
@@ -247,6 +280,7 @@ def preview(
     out: Path = typer.Argument(..., help="annotate's output folder."),
     images: List[Path] = typer.Option([], "--images", help="Folder the photos were labelled from (if not where run.json says)."),
     per_page: int = typer.Option(100, "--per-page", min=1, help="Cards per HTML page."),
+    jobs: int = typer.Option(0, "--jobs", "-j", min=0, help="Processes drawing overlays (0: one per CPU)."),
     open_browser: bool = typer.Option(False, "--open", help="Open the contact sheet in the browser."),
 ) -> None:
     """Write OUT/preview/index.html: every image under its labels, least confident first."""
@@ -256,7 +290,7 @@ def preview(
 
         from .review import build_preview
 
-        result = build_preview(out, images, per_page=per_page)
+        result = build_preview(out, images, per_page=per_page, jobs=jobs)
         if result.missing_photos:
             typer.echo(f"{len(result.missing_photos)} photos not found, drawn on grey (first: "
                        f"{result.missing_photos[0]}); pass --images DIR", err=True)
