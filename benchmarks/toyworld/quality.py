@@ -5,6 +5,10 @@ Labels held-out toy scenes with the committed toy CLIP through the real pipeline
 compared on the same work:
 
     python benchmarks/toyworld/quality.py --n 200
+    python benchmarks/toyworld/quality.py --n 60 --short-side 64 --method naclip scclip --pamr both
+
+Time per image: ``Predictor.predict`` on 32 of the scenes, best of 3 passes (other jobs on a
+shared CPU only add time), without image decoding and writing.
 """
 from __future__ import annotations
 
@@ -24,17 +28,18 @@ from seglabel.evaluate import evaluate_folders  # noqa: E402
 from seglabel.images import find_images  # noqa: E402
 from seglabel.labelset import load_labelset  # noqa: E402
 from seglabel.models.registry import load_segmenter  # noqa: E402
+from seglabel.models.trainingfree import METHODS  # noqa: E402
 from seglabel.predict import Protocol  # noqa: E402
 
 FIXTURE = REPO / "tests" / "fixtures" / "toyclip"
 LABELS = REPO / "labelsets" / "toyworld.yaml"
 HELD_OUT_SEED = 20261123  # never used for training
 
-OPTIONS = {  # name -> (key smoothing, prompt denoising)
-    "maskclip": (False, False),
-    "+ key smoothing": (True, False),
-    "+ prompt denoising": (False, True),
-    "+ both (default)": (True, True),
+MASKCLIP_OPTIONS = {  # MaskCLIP's own refinements: name -> (key smoothing, prompt denoising)
+    "": (False, False),
+    " + key smoothing": (True, False),
+    " + prompt denoising": (False, True),
+    " + both": (True, True),
 }
 
 
@@ -42,35 +47,75 @@ def towers() -> list[str]:
     return [p.stem for p in sorted(FIXTURE.glob("toyclip-*.json")) if p.with_suffix(".safetensors").is_file()]
 
 
-def measure(tower: str, ks: bool, pd: bool, data: Path, work: Path, short_side: int) -> tuple[float, float]:
+def measure(tower: str, method: str, ks: bool, pd: bool, pamr: bool, data: Path, work: Path,
+            short_side: int) -> tuple[float, float]:
+    """(mIoU of `seglabel annotate`'s labels, seconds per image of the model and post-processing)."""
     labelset = load_labelset(LABELS)
     model = load_segmenter(f"maskclip:{tower}", labelset, pretrained=str(FIXTURE / f"{tower}.safetensors"),
-                           model_config=str(FIXTURE / f"{tower}.json"), key_smoothing=ks, prompt_denoising=pd)
+                           model_config=str(FIXTURE / f"{tower}.json"), method=method, key_smoothing=ks,
+                           prompt_denoising=pd)
     items = find_images([data / "images"]).items
-    out = work / f"{tower}-{int(ks)}{int(pd)}-{short_side}"
-    config = AnnotateConfig(out=out, protocol=Protocol(short_side=short_side), batch_size=16)
-    start = time.perf_counter()
-    summary = annotate(items, model, labelset, config, argv=[])
-    seconds = (time.perf_counter() - start) / max(1, summary.labelled)
+    out = work / f"{tower}-{method}-{int(ks)}{int(pd)}{int(pamr)}-{short_side}"
+    protocol = Protocol(short_side=short_side, pamr=pamr)
+    annotate(items, model, labelset, AnnotateConfig(out=out, protocol=protocol, batch_size=16), argv=[])
     result = evaluate_folders(out, data / "gt", labelset)
-    return result.miou, seconds
+    return result.miou, seconds_per_image(model, protocol, [item.path for item in items[:TIMED_IMAGES]])
+
+
+TIMED_IMAGES = 32
+
+
+def seconds_per_image(model, protocol: Protocol, paths: list[Path], repeats: int = 3) -> float:
+    """Predictor.predict (resize, model, PAMR, upsampling, softmax) on decoded images, batches of 16;
+    the best of ``repeats`` passes, since other jobs on a shared CPU only ever add time."""
+    import numpy as np
+    from PIL import Image
+
+    from seglabel.predict import Predictor
+
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    predictor = Predictor(model, protocol, batch_size=16)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(0, len(images), 16):
+            predictor.predict(images[i:i + 16])
+        best = min(best, time.perf_counter() - start)
+    return best / len(images)
+
+
+def variants(tower: str, methods: list[str], pamr_modes: list[bool], all_options: bool):
+    """(row name, method, key smoothing, prompt denoising, pamr) to measure on ``tower``."""
+    for method in methods:
+        if method != "maskclip" and "rn" in tower:
+            continue  # the successors are ViT-only
+        options = MASKCLIP_OPTIONS if method == "maskclip" and all_options else {"": (False, False)}
+        for suffix, (ks, pd) in options.items():
+            for pamr in pamr_modes:
+                yield method + suffix + (" + PAMR" if pamr else ""), method, ks, pd, pamr
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200, help="held-out scenes")
     ap.add_argument("--short-side", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--method", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--pamr", choices=["off", "on", "both"], default="both")
+    ap.add_argument("--tower", nargs="+", default=None, help="default: every committed toy CLIP")
+    ap.add_argument("--maskclip-options", action="store_true",
+                    help="also MaskCLIP with key smoothing / prompt denoising")
     args = ap.parse_args()
+    pamr_modes = {"off": [False], "on": [True], "both": [False, True]}[args.pamr]
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "scenes"
         scenes.write_dataset(data, args.n, HELD_OUT_SEED)
         print(f"toy world: {args.n} held-out scenes (seed {HELD_OUT_SEED}), {scenes.N_CLASSES} classes, "
               f"chance mIoU ~{1 / scenes.N_CLASSES:.2f}")
-        print(f"| tower | option | short side | mIoU | ms / image |\n|---|---|---|---|---|")
-        for tower in towers():
-            for name, (ks, pd) in OPTIONS.items():
+        print("| tower | method | short side | mIoU | ms / image |\n|---|---|---|---|---|")
+        for tower in args.tower or towers():
+            for name, method, ks, pd, pamr in variants(tower, args.method, pamr_modes, args.maskclip_options):
                 for side in args.short_side:
-                    miou, sec = measure(tower, ks, pd, data, Path(tmp), side)
+                    miou, sec = measure(tower, method, ks, pd, pamr, data, Path(tmp), side)
                     print(f"| {tower} | {name} | {side} | {miou:.3f} | {1000 * sec:.1f} |", flush=True)
 
 

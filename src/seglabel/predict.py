@@ -26,6 +26,7 @@ class Protocol:
     window: int = 0  # sliding-window crop size in resized pixels; 0 = whole image
     window_stride: int = 0  # 0 = half the window
     tta: bool = False  # LSeg's official multi-scale + flip + 480 sliding window (see tta.py)
+    pamr: bool = False  # PAMR refinement of the logits upsampled to the resized image (refine.py)
 
 
 @dataclass
@@ -86,6 +87,8 @@ class Predictor:
     """Runs a segmenter on RGB images under a protocol and returns full-size labels."""
 
     def __init__(self, segmenter: Segmenter, protocol: Protocol = Protocol(), batch_size: int = 1) -> None:
+        if protocol.pamr and protocol.tta:
+            raise ValueError("PAMR refines a single-scale prediction: give --pamr or --tta, not both")
         if protocol.window and protocol.window % segmenter.pad_to:
             raise ValueError(f"--window {protocol.window} must be a multiple of {segmenter.pad_to} for this model")
         self.model = segmenter.eval()
@@ -111,7 +114,8 @@ class Predictor:
         process); ``sizes`` are the original (H, W). Not for the TTA protocol."""
         prepared = [x.to(self.device, non_blocking=True) for x in prepared]
         if self.protocol.window:
-            return [self._finish(self._slide(x), 1, x.shape[1:], size) for x, size in zip(prepared, sizes)]
+            return [self._finish(*self._refine(self._slide(x), 1, x), x.shape[1:], size)
+                    for x, size in zip(prepared, sizes)]
         out: list[Prediction | None] = [None] * len(prepared)
         padded = [self._pad(x) for x in prepared]
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -122,7 +126,8 @@ class Predictor:
                 chunk = members[start:start + self.batch_size]
                 logits = self.model(torch.stack([padded[i] for i in chunk]))
                 for i, lg in zip(chunk, logits):
-                    out[i] = self._finish(lg, self.model.stride, prepared[i].shape[1:], sizes[i])
+                    out[i] = self._finish(*self._refine(lg, self.model.stride, prepared[i]),
+                                          prepared[i].shape[1:], sizes[i])
         return out  # type: ignore[return-value]
 
     def _tta(self, rgb: np.ndarray) -> Prediction:
@@ -168,6 +173,19 @@ class Predictor:
                 total[:, t:b, l:r] += lg[:, : b - t, : r - l]
                 count[:, t:b, l:r] += 1
         return total / count
+
+    def _refine(self, logits: torch.Tensor, cell: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """With ``protocol.pamr``: logits (K, h, w) of ``cell``-pixel cells -> PAMR-refined logits
+        (K, H', W') at the resized image ``x`` (3, H', W'), upsampled bilinearly first; else as given.
+        The size is the protocol's, not the photo's, which bounds the memory."""
+        if not self.protocol.pamr:
+            return logits, cell
+        from .refine import pamr
+
+        up = logits.float()[None]
+        if cell != 1:
+            up = F.interpolate(up, scale_factor=cell, mode="bilinear", align_corners=False)
+        return pamr(x.float(), up[0, :, :x.shape[1], :x.shape[2]]), 1
 
     def _finish(self, logits: torch.Tensor, cell: int, resized: Sequence[int], original: Sequence[int]) -> Prediction:
         """Logits (K, h, w) whose cells are ``cell`` resized pixels -> labels at the original size:

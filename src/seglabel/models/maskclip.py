@@ -1,10 +1,14 @@
-"""MaskCLIP: dense labels read from a CLIP image encoder, classified by CLIP text embeddings.
+"""MaskCLIP and its training-free successors: dense labels read from a CLIP image encoder,
+classified by CLIP text embeddings.
 
-Training-free (Zhou et al., ECCV 2022). Only the end of the image tower changes:
-- ViT: in the last block the attention is replaced by the identity on the value path; the
-  residual and the MLP are kept, then ``ln_post`` and ``proj`` give one embedding per patch.
-- ResNet: the attention pool becomes two 1x1 convolutions, ``c_proj(v_proj(layer4))``.
-Patch embeddings are compared with the text embeddings by cosine (no logit scale).
+Only the end of the image tower changes (``method``):
+- ``maskclip`` (Zhou et al., ECCV 2022). ViT: in the last block the attention is replaced by the
+  identity on the value path; the residual and the MLP are kept. ResNet: the attention pool becomes
+  two 1x1 convolutions, ``c_proj(v_proj(layer4))``.
+- ``clearclip``, ``sclip``, ``naclip``, ``scclip`` (ViT only): other last blocks, see
+  ``trainingfree.py``; each resizes the position embeddings its own way.
+Then ``ln_post`` and ``proj`` give one embedding per patch, compared with the text embeddings by
+cosine (``patch_logits``); ``forward`` scales the cosines by the method's logit scale.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from torch import nn
 from ..labelset import LabelSet
 from ..refine import key_smoothing, prompt_denoising
 from ..text import cached_text_embeddings, class_max, encode_prompts, labelset_templates
+from . import trainingfree as tf
 from .base import Segmenter
 
 # Softmax temperature of CLIP (exp of its logit scale), used by the official refinements
@@ -30,6 +35,8 @@ class MaskCLIP(Segmenter):
         self,
         clip_model: nn.Module,
         tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+        method: str = "maskclip",
+        logit_scale: float | None = None,
         key_smoothing: bool = False,
         prompt_denoising: bool = False,
         ks_threshold: float = 1.0,
@@ -55,6 +62,12 @@ class MaskCLIP(Segmenter):
             self.stride = 32
         else:
             raise ValueError(f"MaskCLIP supports open_clip ViT and ModifiedResNet image towers, not {type(visual).__name__}")
+        self.method = tf.check_method(method)
+        if self.tower != "vit" and method != "maskclip":
+            raise ValueError(f"method {method} needs a ViT image tower; ResNet towers support maskclip only")
+        self.logit_scale = float(logit_scale or tf.LOGIT_SCALES[method])
+        if self.method == "scclip":
+            self.scclip_indices = tf.scclip_indices(len(visual.transformer.resblocks))
         self.clip = clip_model
         self.tokenizer = tokenizer
         self.key_smoothing = key_smoothing
@@ -102,7 +115,7 @@ class MaskCLIP(Segmenter):
             raise RuntimeError("call set_labels(labelset) before labelling images")
         feats, keys = self.dense_features(images)
         cos = torch.einsum("bdhw,kd->bkhw", F.normalize(feats, dim=1), self.text_embeddings.to(feats.dtype))
-        logits = CLIP_LOGIT_SCALE * class_max(cos.float(), self.prompt_class, self.num_classes)
+        logits = self.class_logits(cos.float())
         if self.prompt_denoising:
             logits = prompt_denoising(logits, self.pd_threshold)
         if self.key_smoothing:
@@ -110,43 +123,69 @@ class MaskCLIP(Segmenter):
             logits = probs.clamp_min(1e-12).log()  # back to logits: softmax(log p) = p / sum(p)
         return logits
 
+    def class_logits(self, cos: torch.Tensor) -> torch.Tensor:
+        """Per-prompt cosines (B, P, h, w) -> class logits (B, K, h, w) for a softmax over classes.
+
+        ``maskclip``: the best prompt's cosine of each class, times the logit scale (CLIP's
+        temperature, 100). The other methods, as their authors: softmax(scale * cosine) over all
+        prompts, max over a class's prompts; returned as log-probabilities (with one prompt per
+        class simply scale * cosine, so upsampling and PAMR act on the authors' linear logits)."""
+        if self.method == "maskclip":
+            return self.logit_scale * class_max(cos, self.prompt_class, self.num_classes)
+        logits = self.logit_scale * cos
+        if len(self.prompt_class) == self.num_classes:
+            return logits
+        probs = class_max(logits.softmax(dim=1), self.prompt_class, self.num_classes)
+        return probs.clamp_min(1e-30).log()
+
     def describe(self) -> dict[str, Any]:
-        return {"method": "maskclip", "tower": self.tower, "key_smoothing": self.key_smoothing,
-                "prompt_denoising": self.prompt_denoising}
+        out = {"method": self.method, "tower": self.tower, "key_smoothing": self.key_smoothing,
+               "prompt_denoising": self.prompt_denoising}
+        if self.logit_scale != tf.LOGIT_SCALES[self.method]:  # runs at the defaults keep their old record
+            out["logit_scale"] = self.logit_scale
+        return out
 
     # -- towers ---------------------------------------------------------------------------------
     def _vit_dense(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         v = self.clip.visual
         p = self.stride
         b, _, height, width = images.shape
-        # Like the official code: zero-pad bottom/right to whole patches instead of dropping them.
+        # Like the official MaskCLIP: zero-pad bottom/right to whole patches instead of dropping them.
         pad_h, pad_w = (-height) % p, (-width) % p
         if pad_h or pad_w:
             images = F.pad(images, (0, pad_w, 0, pad_h))
         x = v.conv1(images.to(v.conv1.weight.dtype))
-        gh, gw = x.shape[-2:]
+        grid = tuple(x.shape[-2:])
         x = x.flatten(2).transpose(1, 2)
         cls = v.class_embedding.to(x.dtype).expand(b, 1, -1)
-        x = torch.cat([cls, x], dim=1) + resize_pos_embed(v.positional_embedding, v.grid_size, (gh, gw)).to(x.dtype)
+        resize = resize_pos_embed if self.method == "maskclip" else tf.resize_pos_embed_by_scale
+        x = torch.cat([cls, x], dim=1) + resize(v.positional_embedding, v.grid_size, grid).to(x.dtype)
         x = v.ln_pre(x)
-        blocks = v.transformer.resblocks
-        batch_first = getattr(v.transformer, "batch_first", True)
+        outputs = self._blocks(x, keep_all=self.method == "scclip")
+        last = v.transformer.resblocks[-1]
+        if self.method == "scclip":  # one image at a time, as the authors' code
+            pairs = [tf.scclip_tokens(last, [o[i] for o in outputs], grid, self.scclip_indices) for i in range(b)]
+            tokens = torch.stack([t for t, _ in pairs])
+            keys = torch.stack([k for _, k in pairs])
+        else:
+            tokens, keys = tf.LAST_BLOCKS[self.method](last, outputs[-1], grid)
+            tokens, keys = tokens[:, 1:], keys[:, 1:]  # class token dropped
+        feats = v.ln_post(tokens) @ v.proj
+        to_map = lambda t: t.transpose(1, 2).reshape(b, t.shape[-1], *grid)  # noqa: E731
+        return to_map(feats), to_map(keys)
+
+    def _blocks(self, x: torch.Tensor, keep_all: bool) -> list[torch.Tensor]:
+        """Outputs (B, 1 + N, C) of every block but the last (only the final one unless keep_all)."""
+        transformer = self.clip.visual.transformer
+        batch_first = getattr(transformer, "batch_first", True)
         if not batch_first:
             x = x.transpose(0, 1)
-        for blk in blocks[:-1]:
+        outputs = []
+        for blk in transformer.resblocks[:-1]:
             x = blk(x)
-        if not batch_first:
-            x = x.transpose(0, 1)
-        last = blocks[-1]
-        y = last.ln_1(x)
-        _, k, val = F.linear(y, last.attn.in_proj_weight, last.attn.in_proj_bias).chunk(3, dim=-1)
-        val = last.attn.out_proj(val)
-        k = last.attn.out_proj(k)
-        x = x + last.ls_1(val)  # attention replaced by identity: the value path, residual kept
-        x = x + last.ls_2(last.mlp(last.ln_2(x)))
-        feats = v.ln_post(x) @ v.proj
-        to_map = lambda t: t[:, 1:].transpose(1, 2).reshape(b, t.shape[-1], gh, gw)  # noqa: E731
-        return to_map(feats), to_map(k)
+            if keep_all:
+                outputs.append(x if batch_first else x.transpose(0, 1))
+        return outputs if keep_all else [x if batch_first else x.transpose(0, 1)]
 
     def _resnet_dense(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         v = self.clip.visual

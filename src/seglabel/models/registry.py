@@ -17,15 +17,28 @@ DEFAULT_MODEL = "maskclip:ViT-B-16"
 
 def build_maskclip(name: str, pretrained: str | None = "openai", cache_dir: str | None = None,
                    device: str | torch.device = "cpu", model_config: str | None = None,
-                   key_smoothing: bool = False, prompt_denoising: bool = False, **_: Any) -> Segmenter:
+                   method: str = "auto", logit_scale: float | None = None,
+                   key_smoothing: bool | None = False, prompt_denoising: bool | None = False,
+                   **_: Any) -> Segmenter:
+    """``method``: maskclip, clearclip, sclip, naclip or scclip (see models/trainingfree.py), or
+    auto (the default, as in the CLI: ``DEFAULT_METHOD`` on ViT towers, maskclip on ResNet towers);
+    ``logit_scale``: None for the method's own. MaskCLIP's refinements given as None: on for
+    maskclip, off for the others."""
     from .clip import create_clip, register_model_config
     from .maskclip import MaskCLIP
+    from .trainingfree import check_method, default_method
 
+    if method != "auto":
+        check_method(method)  # before minutes of weight loading
     if model_config:
         register_model_config(model_config)
     clip_model, tokenizer, info = create_clip(name, pretrained, cache_dir=cache_dir, device=device)
-    model = MaskCLIP(clip_model, tokenizer=tokenizer, key_smoothing=key_smoothing,
-                     prompt_denoising=prompt_denoising)
+    if method == "auto":
+        method = default_method("resnet" if hasattr(clip_model.visual, "attnpool") else "vit")
+    refine = method == "maskclip"
+    model = MaskCLIP(clip_model, tokenizer=tokenizer, method=method, logit_scale=logit_scale,
+                     key_smoothing=refine if key_smoothing is None else key_smoothing,
+                     prompt_denoising=refine if prompt_denoising is None else prompt_denoising)
     model.weights_info = info
     return model
 
