@@ -186,8 +186,39 @@ def _tuples(x):
 
 
 def _save(path: Path, obj: dict[str, Any]) -> None:
+    """Write a checkpoint so that a kill at any moment leaves the previous one or the new one,
+    whole: a temporary file beside it, flushed to disk, renamed over it."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Temporary files of a run killed while saving (``.last.pt.XXXX.tmp``)."""
+    for name in (LAST, STUDENT, "config.json"):
+        for tmp in out.glob(f".{name}.*.tmp"):
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+
+def _trim_log(path: Path, last_iteration: int) -> None:
+    """On resume, keep the log records up to the checkpoint: the iterations after it are run again,
+    so the log reads as one uninterrupted run (a line cut short by a kill goes too)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("iter"), int) and record["iter"] <= last_iteration:
+            kept.append(line + "\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(kept), encoding="utf-8")
 
 
 # -- training -------------------------------------------------------------------------------------
@@ -256,6 +287,8 @@ def train(cfg: DistillConfig, on_iteration: Callable[[int, DeepLabV2Student], No
     it = start
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(out)
+        _trim_log(out / LOG, start)  # from 0: a log left by a run killed before its first checkpoint
     log = open(out / LOG, "a", encoding="utf-8") if main else None  # noqa: SIM115 - closed below
     tick, tick_it, t0 = time.perf_counter(), start, time.perf_counter()
     try:

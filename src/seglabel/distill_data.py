@@ -59,7 +59,7 @@ def image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:
             w, h = im.size
             orientation = im.getexif().get(0x0112, 1)
-    except OSError as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageError(path, f"not an image PIL can read ({e})") from None
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
@@ -97,7 +97,7 @@ def scan_pairs(images: Path, masks: Path | None, num_classes: int, ignore_index:
         try:
             ids = read_mask(mask, ignore_index)
             size = image_size(item.path)
-        except (OSError, ValueError, ImageError) as e:
+        except (OSError, ValueError, ImageError, SyntaxError, Image.DecompressionBombError) as e:
             skipped.append((str(mask), f"cannot be read: {e}"))
             continue
         if ids.shape != size:

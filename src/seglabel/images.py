@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterable
@@ -11,16 +13,36 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 DEFAULT_MAX_PIXELS = 178_956_970  # twice PIL's own decompression-bomb warning level
+# What annotate writes under --out (writers.py); skipped when --out holds the input folder.
+_OUTPUT_FOLDERS = ("masks", "scores", "overlays", "records")
 
 
 class ImageError(Exception):
     """An image that cannot be labelled; ``str()`` is one line: path and reason."""
 
     def __init__(self, path: str | Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = str(path), reason
+        shown = printable(path)
+        super().__init__(f"{shown}: {reason}")
+        self.path, self.reason = shown, reason
+
+
+def printable(path: str | Path) -> str:
+    """A path as text that can be printed and written to JSON: bytes of a file name that are not
+    UTF-8 (held by Python as lone surrogates) are shown as ``\\xNN``."""
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -45,18 +67,21 @@ def find_images(paths: Iterable[str | Path] = (), listed: Iterable[str] = (),
     """Images from directories (walked recursively, sorted), files, and a list of files.
 
     Directory entries are relative to their directory; listed files to their common folder; a
-    single file is its own name. Folders in ``exclude`` (outputs) are never entered. Two inputs
-    whose outputs would clash keep the first in sorted order; the others become problems."""
-    excluded = {os.path.realpath(p) for p in exclude}
+    single file is its own name. Folders in ``exclude`` (outputs) are never entered. Symbolic
+    links to folders are followed, each folder entered once (no loops, no duplicates). Folders
+    that cannot be read and file names that are not UTF-8 become problems, so nothing is skipped
+    silently. Two inputs whose outputs would clash keep the first in sorted order; the others
+    become problems."""
+    excluded = [os.path.realpath(p) for p in exclude]
     found: list[ImageItem] = []
     problems: list[ImageError] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found.extend(_walk(p, excluded))
+            found.extend(_walk(p, excluded, problems))
         elif p.is_file():
             found.append(ImageItem(p, p.name))
         else:
-            raise FileNotFoundError(f"{p}: no such file or folder")
+            raise FileNotFoundError(f"{printable(p)}: no such file or folder")
     listed = [Path(line) for line in (s.strip() for s in listed) if line]
     if listed:
         root = Path(os.path.commonpath([os.path.abspath(p.parent) for p in listed]))
@@ -68,18 +93,46 @@ def find_images(paths: Iterable[str | Path] = (), listed: Iterable[str] = (),
     found.sort(key=lambda item: (item.rel, str(item.path)))
     items, owner = [], {}
     for item in found:
+        if not _utf8(item.rel):
+            problems.append(ImageError(item.path, "file name is not valid UTF-8, so its outputs and "
+                                                  "coco.json entry cannot name it; rename it (e.g. with convmv)"))
+            continue
         if item.key in owner:
-            problems.append(ImageError(item.path, f"its mask would be {item.key}.png, already made from {owner[item.key]}"))
+            problems.append(ImageError(item.path, f"its mask would be {item.key}.png, already made from {printable(owner[item.key])}"))
             continue
         owner[item.key] = item.path
         items.append(item)
     return Inputs(items, problems)
 
 
-def _walk(root: Path, excluded: set[str]) -> list[ImageItem]:
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _walk(root: Path, excluded: list[str], problems: list[ImageError]) -> list[ImageItem]:
+    real_root = os.path.realpath(root)
+    # An output folder that holds the input folder (or is it): skip only what seglabel writes there.
+    skip = []
+    for e in excluded:
+        skip += [os.path.join(e, sub) for sub in _OUTPUT_FOLDERS] if _inside(real_root, e) else [e]
+
+    def on_error(err: OSError) -> None:
+        reason = err.strerror or type(err).__name__
+        problems.append(ImageError(err.filename or root, f"cannot read folder ({reason}); its images were not labelled"))
+
+    seen: set[tuple[int, int]] = set()
     out = []
-    for folder, dirs, files in os.walk(root, onerror=_report_walk_error):
-        dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(folder, d)) not in excluded)
+    for folder, dirs, files in os.walk(root, onerror=on_error, followlinks=True):
+        try:
+            st = os.stat(folder)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:  # a link back to a folder already walked (a loop)
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if _enter(os.path.join(folder, d), real_root, skip))
         for name in sorted(files):
             if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
                 path = Path(folder) / name
@@ -87,8 +140,13 @@ def _walk(root: Path, excluded: set[str]) -> list[ImageItem]:
     return out
 
 
-def _report_walk_error(err: OSError) -> None:
-    print(f"warning: {err.filename}: cannot read folder ({err.strerror})", file=sys.stderr)
+def _enter(path: str, real_root: str, skip: list[str]) -> bool:
+    """Whether the walk goes into folder ``path``: not an output folder, and not a link to a folder
+    inside the tree (walked under its own name already, or a loop)."""
+    real = os.path.realpath(path)
+    if any(_inside(real, e) for e in skip):
+        return False
+    return not (os.path.islink(path) and _inside(real, real_root))
 
 
 def read_lines(source: str) -> list[str]:
@@ -99,30 +157,59 @@ def read_lines(source: str) -> list[str]:
 
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """An image file as RGB uint8 (H, W, 3), EXIF orientation applied; ``ImageError`` otherwise."""
+    """An image file as RGB uint8 (H, W, 3), EXIF orientation applied; ``ImageError`` otherwise.
+
+    The size is checked against ``max_pixels`` from the header, before any pixel is decoded
+    (PIL's own decompression-bomb limit is replaced by this one). Animations give their first
+    frame. Any failure to read or decode is an ``ImageError`` with a one-line reason."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise ImageError(path, f"broken symbolic link (to {printable(os.readlink(path))})") from None
+        raise ImageError(path, "vanished before it could be read") from None
+    except OSError as e:
+        raise ImageError(path, f"cannot read ({(e.strerror or type(e).__name__).lower()})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(path, "not a regular file")
+    if st.st_size == 0:
+        raise ImageError(path, "not an image: empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # checked below instead
-            try:
+            warnings.simplefilter("ignore")  # bomb warnings (checked below), EXIF and palette notes
+            with _no_pil_pixel_limit():
                 img = Image.open(path)
-            finally:
-                Image.MAX_IMAGE_PIXELS = previous
             with img:
                 w, h = img.size
                 if w * h > max_pixels:
-                    raise ImageError(path, f"{w}x{h} is more than --max-pixels {max_pixels}")
+                    raise ImageError(path, f"{w}x{h} is {w * h} pixels, more than --max-pixels {max_pixels} "
+                                           f"(raise it to label this image)")
                 img.seek(0)  # animations: the first frame
+                img.load()
                 img = ImageOps.exif_transpose(img)
                 return _to_rgb(img)
     except ImageError:
         raise
     except FileNotFoundError:
         raise ImageError(path, "vanished before it could be read") from None
+    except PermissionError as e:
+        raise ImageError(path, f"cannot read ({(e.strerror or 'permission denied').lower()})") from None
     except UnidentifiedImageError:
-        raise ImageError(path, "not an image PIL can read") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated or corrupt data
-        raise ImageError(path, f"cannot decode ({str(e) or type(e).__name__})") from None
+        raise ImageError(path, "not an image PIL can read (unrecognised content)") from None
+    except MemoryError:
+        raise ImageError(path, "not enough memory to decode it") from None
+    except Exception as e:  # noqa: BLE001 - decoders raise many types on corrupt or truncated data
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise ImageError(path, f"cannot decode: truncated or corrupt ({detail})") from None
+
+
+@contextmanager
+def _no_pil_pixel_limit():
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # --max-pixels is checked instead
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
@@ -130,6 +217,11 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         grey = np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if img.mode == "F":  # 32-bit float grey: [0, 1] scaled to 0-255, other ranges clipped to it
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        scale = 255.0 if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0 else 1.0
+        grey = np.clip(np.round(arr * scale), 0, 255).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")

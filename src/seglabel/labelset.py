@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,22 @@ _IGNORE_KEYS = {"min_confidence", "classes"}
 
 class LabelSetError(ValueError):
     """A label set that cannot be used; the message is one line: ``file:line: problem``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_one_line(str(message)))
+
+
+# Characters str.splitlines() breaks at; escaped so that every error message is one line.
+_LINE_BREAKS = {c: c.encode("unicode_escape").decode("ascii")
+                for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+_MAX_NODES = 200_000  # YAML nodes a label set may expand to (aliases can multiply them)
+_MAX_DEPTH = 50  # nesting; a label set needs 4
+
+
+def _one_line(text: str) -> str:
+    text = "".join(_LINE_BREAKS.get(c, c) for c in text)
+    # lone surrogates (not valid Unicode text) would break printing and JSON
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -127,39 +144,71 @@ def load_labelset(path: str | Path) -> LabelSet:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LabelSetError(f"{where}: invalid YAML: {problem}") from None
+    except RecursionError:
+        raise LabelSetError(f"{path}: invalid YAML: nested too deeply") from None
     if root is None:
         raise LabelSetError(f"{path}:1: empty label set (it needs a 'classes' list)")
     lines: dict[tuple, int] = {}
-    data = _plain(root, (), lines, str(path))
+    data = _plain(root, (), lines, str(path), [0], set())
     return parse_labelset(data, source=str(path), lines=lines)
 
 
-def _plain(node: yaml.Node, at: tuple, lines: dict[tuple, int], source: str) -> Any:
-    """Turn a composed YAML node into plain data, recording the line of every path."""
-    lines[at] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        out: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = _scalar(key_node)
-            if key in out:
-                raise LabelSetError(f"{source}:{key_node.start_mark.line + 1}: duplicate key '{key}'")
-            out[key] = _plain(value_node, at + (key,), lines, source)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_plain(v, at + (i,), lines, source) for i, v in enumerate(node.value)]
+def _plain(node: yaml.Node, at: tuple, lines: dict[tuple, int], source: str,
+           count: list[int], open_nodes: set[int]) -> Any:
+    """Turn a composed YAML node into plain data, recording the line of every path. Aliases
+    that refer to themselves, or that expand to a huge tree ("billion laughs"), are errors."""
+    line = node.start_mark.line + 1
+    lines[at] = line
+    count[0] += 1
+    if count[0] > _MAX_NODES:
+        raise LabelSetError(f"{source}:{line}: too large (more than {_MAX_NODES} entries once aliases are expanded)")
+    if len(at) > _MAX_DEPTH:
+        raise LabelSetError(f"{source}:{line}: nested too deeply (more than {_MAX_DEPTH} levels)")
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        if id(node) in open_nodes:
+            raise LabelSetError(f"{source}:{line}: an alias refers to a node that contains it")
+        open_nodes.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                return [_plain(v, at + (i,), lines, source, count, open_nodes) for i, v in enumerate(node.value)]
+            out: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key = _scalar(key_node)
+                if key in out:
+                    raise LabelSetError(f"{source}:{key_node.start_mark.line + 1}: duplicate key {_show(key)}")
+                out[key] = _plain(value_node, at + (key,), lines, source, count, open_nodes)
+            return out
+        finally:
+            open_nodes.discard(id(node))
     return _scalar(node)
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A user-given value in a message: quoted, one line, not too long."""
+    text = f"'{value}'" if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+_SCALARS = yaml.SafeLoader("")  # only its constructors are used (safe types, no side effects)
 
 
 def _scalar(node: yaml.Node) -> Any:
     if not isinstance(node, yaml.ScalarNode):
         return f"<{node.id}>"  # a mapping or list used as a key: reported as an unknown key
-    loader = yaml.SafeLoader("")
+    loader = _SCALARS
+    loader.constructed_objects.clear()
+    loader.recursive_objects.clear()
     try:
-        return loader.construct_object(node, deep=True)
-    except yaml.YAMLError:
+        value = loader.construct_object(node, deep=True)
+    except Exception:  # noqa: BLE001 - bad explicit tags (!!bool x, !!timestamp 2020-99-99): keep the text
         return node.value
+    try:
+        hash(value)
+    except TypeError:
+        return node.value
+    return value
 
 
 def parse_labelset(data: Any, source: str = "<memory>", lines: dict[tuple, int] | None = None) -> LabelSet:
@@ -178,9 +227,9 @@ def parse_labelset(data: Any, source: str = "<memory>", lines: dict[tuple, int] 
         fail((), "a label set is a mapping with a 'classes' list")
     for key in data:
         if key not in _TOP_KEYS:
-            fail((key,), f"unknown key '{key}' (known: {', '.join(sorted(_TOP_KEYS))})")
+            fail((key,), f"unknown key {_show(key)} (known: {', '.join(sorted(_TOP_KEYS))})")
     name = data.get("name", Path(source).stem if source != "<memory>" else "labels")
-    if not isinstance(name, str) or not name.strip():
+    if not _text(name):
         fail(("name",), "'name' must be a non-empty string")
     templates = _parse_templates(data.get("templates", "maskclip"), fail)
 
@@ -211,15 +260,15 @@ def parse_labelset(data: Any, source: str = "<memory>", lines: dict[tuple, int] 
 
 
 def _parse_templates(raw: Any, fail) -> tuple[str, ...] | None:
-    if raw in ("maskclip", None):
+    if raw is None or (isinstance(raw, str) and raw == "maskclip"):
         return None
-    if raw in ("none", False, []):
+    if raw is False or (isinstance(raw, str) and raw == "none") or (isinstance(raw, list) and not raw):
         return ()
     if not isinstance(raw, list):
         fail(("templates",), "'templates' must be 'maskclip', 'none' or a list of strings with {}")
     for i, t in enumerate(raw):
-        if not isinstance(t, str) or "{}" not in t:
-            fail(("templates", i), f"template {t!r} has no '{{}}' for the class prompt")
+        if not isinstance(t, str) or "{}" not in t or not _text(t):
+            fail(("templates", i), f"template {_show(t)} has no '{{}}' for the class prompt")
     return tuple(raw)
 
 
@@ -230,32 +279,29 @@ def _parse_class(raw: Any, at: tuple, index: int, fail) -> LabelClass:
         fail(at, "a class is a name or a mapping with 'name', 'prompts', 'color'")
     for key in raw:
         if key not in _CLASS_KEYS:
-            fail(at + (key,), f"unknown key '{key}' in class (known: {', '.join(sorted(_CLASS_KEYS))})")
+            fail(at + (key,), f"unknown key {_show(key)} in class (known: {', '.join(sorted(_CLASS_KEYS))})")
     name = raw.get("name")
-    if not isinstance(name, str) or not name.strip():
+    if not _text(name):
         fail(at + ("name",), "class 'name' must be a non-empty string")
     prompts = raw.get("prompts", [name])
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, list) or not prompts:
-        fail(at + ("prompts",), f"class '{name}': 'prompts' must be a non-empty list of strings")
+        fail(at + ("prompts",), f"class {_show(name)}: 'prompts' must be a non-empty list of strings")
     for j, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
-            fail(at + ("prompts", j), f"class '{name}': empty prompt")
+        if not _text(p):
+            fail(at + ("prompts", j), f"class {_show(name)}: empty prompt")
     color = _parse_color(raw.get("color"), at + ("color",), name, fail) if "color" in raw else default_color(index)
     return LabelClass(name=name.strip(), prompts=tuple(p.strip() for p in prompts), color=color)
 
 
 def _parse_color(raw: Any, at: tuple, name: str, fail) -> tuple[int, int, int]:
-    if isinstance(raw, str) and raw.startswith("#") and len(raw) == 7:
-        try:
-            return tuple(int(raw[i:i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
-        except ValueError:
-            pass
+    if isinstance(raw, str) and re.fullmatch(r"#[0-9a-fA-F]{6}", raw):
+        return tuple(int(raw[i:i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
     if (isinstance(raw, list) and len(raw) == 3
             and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in raw)):
         return tuple(raw)  # type: ignore[return-value]
-    fail(at, f"class '{name}': bad colour {raw!r} (use [R, G, B] with 0-255 or \"#rrggbb\")")
+    fail(at, f"class {_show(name)}: bad colour {_show(raw)} (use [R, G, B] with 0-255 or \"#rrggbb\")")
     raise AssertionError  # unreachable: fail raises
 
 
@@ -264,10 +310,10 @@ def _parse_ignore(raw: Any, index_of: dict[str, int], fail) -> tuple[float, set[
         fail(("ignore",), "'ignore' must be a mapping with 'min_confidence' and/or 'classes'")
     for key in raw:
         if key not in _IGNORE_KEYS:
-            fail(("ignore", key), f"unknown key '{key}' in ignore (known: {', '.join(sorted(_IGNORE_KEYS))})")
+            fail(("ignore", key), f"unknown key {_show(key)} in ignore (known: {', '.join(sorted(_IGNORE_KEYS))})")
     min_conf = raw.get("min_confidence", 0.0)
     if isinstance(min_conf, bool) or not isinstance(min_conf, (int, float)) or not 0.0 <= min_conf <= 1.0:
-        fail(("ignore", "min_confidence"), f"'min_confidence' must be a number in [0, 1], got {min_conf!r}")
+        fail(("ignore", "min_confidence"), f"'min_confidence' must be a number in [0, 1], got {_show(min_conf)}")
     names = raw.get("classes", []) or []
     if not isinstance(names, list):
         fail(("ignore", "classes"), "'ignore.classes' must be a list of class names")
@@ -275,9 +321,20 @@ def _parse_ignore(raw: Any, index_of: dict[str, int], fail) -> tuple[float, set[
     for j, n in enumerate(names):
         key = n.casefold() if isinstance(n, str) else None
         if key not in index_of:
-            fail(("ignore", "classes", j), f"ignore.classes names unknown class {n!r}")
+            fail(("ignore", "classes", j), f"ignore.classes names unknown class {_show(n)}")
         ignored.add(index_of[key])
     return float(min_conf), ignored
+
+
+def _text(value: Any) -> bool:
+    """A non-empty string of valid Unicode text (no lone surrogates: they cannot be written out)."""
+    if not isinstance(value, str) or not value.strip():
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def default_color(index: int) -> tuple[int, int, int]:

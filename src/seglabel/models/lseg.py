@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..checkpoints import CheckpointError, load_weights
+from ..checkpoints import CheckpointError, load_weights, pickle_globals
 from ..labelset import LabelSet
 from ..text import cached_text_embeddings, class_max, encode_prompts
 from .base import Segmenter
@@ -79,25 +79,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 def _foreign_globals(path: str | Path) -> list[str]:
     """Names a torch.save archive's pickle imports beyond torch, collections and the allowed
     Lightning names; read with pickletools, which lists opcodes without executing any."""
-    import pickletools
-    import zipfile
-
     allowed = {"argparse.Namespace", *_LIGHTNING_NAMES, *_DICT_NAMES}
-    found: list[str] = []
-    try:
-        with zipfile.ZipFile(path) as z:
-            data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
-        strings: list[str] = []
-        for op, arg, _ in pickletools.genops(data):
-            if isinstance(arg, str):
-                strings.append(arg)
-            if op.name in ("GLOBAL", "STACK_GLOBAL"):
-                name = arg.replace(" ", ".") if op.name == "GLOBAL" else ".".join(strings[-2:])
-                if not name.startswith(("torch.", "collections.")) and name not in allowed and name not in found:
-                    found.append(name)
-    except Exception:  # noqa: BLE001 - only for the message; the refusal stands either way
-        pass
-    return found
+    return [n for n in pickle_globals(path) if not n.startswith(("torch.", "collections.")) and n not in allowed]
 
 
 def config_from_state_dict(sd: dict[str, torch.Tensor], path: str | Path = "<checkpoint>") -> LSegConfig:
