@@ -130,7 +130,7 @@ def test_sigkill_at_random_points_then_rerun_gives_identical_outputs(tmp_path, s
 
 def test_ctrl_c_finishes_in_flight_images_and_exits_130(tmp_path, small_labelset, tiny_weights):
     photos = tmp_path / "photos"
-    write_images(photos, [f"{i:03d}.png" for i in range(400)], size=(72, 96))
+    write_images(photos, [f"{i:03d}.png" for i in range(150)], size=(72, 96))
     out = tmp_path / "out"
     argv = annotate_argv(photos, out, small_labelset, tiny_weights)[:-1] + ["--workers", "1"]  # summary on stderr
     proc = subprocess.Popen(argv, start_new_session=True, stderr=subprocess.PIPE, text=True)
@@ -143,14 +143,14 @@ def test_ctrl_c_finishes_in_flight_images_and_exits_130(tmp_path, small_labelset
     assert "(interrupted)" in err and "labelled" in err
     records = {p.stem for p in (out / "records").glob("*.json")}
     masks = {p.stem for p in (out / "masks").glob("*.png")}
-    assert 3 <= len(records) < 400 and records <= masks  # every recorded image has its mask
+    assert 3 <= len(records) < 150 and records <= masks  # every recorded image has its mask
     assert not temporaries(out)
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "interrupted" and run["summary"]["labelled"] == len(records)
     assert len(json.loads((out / "coco.json").read_text())["images"]) == len(records)
     r = subprocess.run(argv + ["--json"], capture_output=True, text=True)  # the rerun resumes
     summary = json.loads(r.stdout)
-    assert r.returncode == 0 and summary["skipped"] == len(records) and summary["labelled"] == 400 - len(records)
+    assert r.returncode == 0 and summary["skipped"] == len(records) and summary["labelled"] == 150 - len(records)
 
 
 # -- write errors -----------------------------------------------------------------------------------

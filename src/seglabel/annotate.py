@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import platform
 import sys
 import time
@@ -172,7 +173,7 @@ def _label(todo: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSet, 
     try:
         for ld in loaded:
             if ld.error is not None:
-                summary.failures.append((str(ld.item.path), ld.error))
+                summary.failures.append((ld.shown_path or str(ld.item.path), ld.error))
                 on_image(ld.item, ld.error)
                 continue
             bucket = buckets.setdefault(tuple(ld.tensor.shape) if ld.tensor is not None else (), [])
@@ -282,6 +283,7 @@ def _run_record(labelset: LabelSet, segmenter: Segmenter, config: AnnotateConfig
         "seglabel_version": __version__,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "argv": list(argv if argv is not None else sys.argv),
+        "cwd": os.getcwd(),  # relative input paths in argv are relative to this
         "model": getattr(segmenter, "spec", None),
         "weights": getattr(segmenter, "weights_info", {}),
         "device": str(segmenter.device),

@@ -22,23 +22,25 @@ def fail(message: str, code: int = exitcodes.USAGE) -> None:
     raise typer.Exit(code)
 
 
+# Errors that mean "nothing was done, fix the input": exit 2. Looked up only in modules already
+# imported (an error cannot come from a module that never loaded), so no command pays for torch.
+_USAGE_ERRORS = (("seglabel.checkpoints", "CheckpointError"), ("seglabel.evaluate", "EvalError"),
+                 ("seglabel.images", "ImageError"), ("seglabel.annotate", "SettingsMismatch"),
+                 ("seglabel.models.clip", "WeightsUnavailable"))
+
+
 def run_guarded(fn: Callable[[], int]) -> None:
     """Map library errors to one line on stderr and the documented exit codes."""
-    from .checkpoints import CheckpointError
-    from .evaluate import EvalError
-    from .images import ImageError
-
     try:
         code = fn()
-    except (LabelSetError, EvalError, CheckpointError, ValueError, FileNotFoundError, ImageError) as e:
-        fail(str(e), exitcodes.USAGE)
+    except typer.Exit:
+        raise  # fail() inside fn: already reported
     except KeyboardInterrupt:
         fail("interrupted", exitcodes.INTERRUPTED)
-    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 1
-        from .annotate import SettingsMismatch
-        from .models.clip import WeightsUnavailable
-
-        if isinstance(e, (WeightsUnavailable, SettingsMismatch)):
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line
+        usage = (LabelSetError, ValueError, FileNotFoundError) + tuple(
+            getattr(sys.modules[m], name) for m, name in _USAGE_ERRORS if m in sys.modules)
+        if isinstance(e, usage):
             fail(str(e), exitcodes.USAGE)
         fail(f"{type(e).__name__}: {e}", exitcodes.ERROR)
     raise typer.Exit(code)
@@ -62,8 +64,9 @@ def annotate(
     window: int = typer.Option(0, "--window", min=0, help="Sliding-window size in resized pixels (0: whole image)."),
     window_stride: int = typer.Option(0, "--window-stride", min=0, help="Sliding-window stride (0: half the window)."),
     tta: bool = typer.Option(False, "--tta", help="LSeg's official multi-scale + flip + 480 sliding window (slow)."),
-    method: str = typer.Option("maskclip", "--method", help="Training-free method of maskclip:NAME models: "
-                               "maskclip, clearclip, sclip, naclip or scclip (the last four: ViT only)."),
+    method: Optional[str] = typer.Option(None, "--method", help="Training-free method of maskclip:NAME models: "
+                                         "maskclip, clearclip, sclip, naclip or scclip (the last four: ViT "
+                                         "only; default: sclip on ViTs, maskclip on ResNets)."),
     pamr: bool = typer.Option(False, "--pamr", help="Refine the upsampled logits with PAMR (NACLIP's option)."),
     protocol_name: str = typer.Option("default", "--protocol", help="default (short side 512, whole image) or "
                                       "paper (the method's own; --short-side/--window given too win)."),
@@ -92,7 +95,7 @@ def annotate(
 
     def run() -> int:
         from .annotate import AnnotateConfig, annotate as run_annotate, plan
-        from .images import find_images, read_lines
+        from .images import IMAGE_SUFFIXES, find_images, read_lines
         from .models.registry import load_segmenter
         from .predict import Protocol, resolve_device
         from .runs import parse_shard, select_shard, shard_part
@@ -106,19 +109,17 @@ def annotate(
         if shard_spec and shard_spec[0] != 0:
             found.problems = []  # unreadable list entries are reported once, by shard 0
         if not found.items and not found.problems:
-            fail("no images found (looked for " + ", ".join(sorted({".jpg", ".png", ".webp", ".bmp", ".tif"})) + ")")
+            fail("no images found (looked for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
         if dry_run:
             todo, done = plan(found.items, out, overwrite)
             return _print_plan(todo, done, found.problems, as_json)
         if tta and window:
             fail("--tta and --window are two different protocols: give one")
-        if method != "maskclip" and not model.startswith("maskclip:"):
+        if method is not None and not model.startswith("maskclip:"):
             raise ValueError(f"--method {method} applies to maskclip:NAME models")
         if protocol_name not in ("default", "paper"):
             raise ValueError(f"--protocol {protocol_name}: choose default or paper")
         protocol = Protocol(short_side, max_long_side, window, window_stride, tta, pamr=pamr)
-        if protocol_name == "paper":
-            protocol = _paper_protocol(ctx, method, protocol)
         if precision not in ("fp32", "fp16", "bf16"):
             fail(f"--precision {precision}: choose fp32, fp16 or bf16")
         config = AnnotateConfig(out=out, overwrite=overwrite, overlay=overlay, save_scores=save_scores,
@@ -128,10 +129,11 @@ def annotate(
         segmenter = load_segmenter(
             model, labelset, pretrained=pretrained, cache_dir=cache_dir, device=resolve_device(device),
             model_config=str(model_config) if model_config else None,
-            method=method, logit_scale=logit_scale,  # MaskCLIP's refinements: on for maskclip unless asked
-            key_smoothing=method == "maskclip" if key_smoothing is None else key_smoothing,
-            prompt_denoising=method == "maskclip" if prompt_denoising is None else prompt_denoising)
-        with _progress(len(found.items), quiet or as_json) as on_image:
+            method=method or "auto", logit_scale=logit_scale,  # refinements None: on for maskclip only
+            key_smoothing=key_smoothing, prompt_denoising=prompt_denoising)
+        if protocol_name == "paper":  # the method is known once the tower is
+            config.protocol = _paper_protocol(ctx, getattr(segmenter, "method", "maskclip"), protocol)
+        with _progress(len(found.items), bar=not (quiet or as_json), report=not quiet) as on_image:
             summary = run_annotate(found.items, segmenter, labelset, config, found.problems, on_image, sys.argv)
         if as_json:
             typer.echo(json.dumps(summary.to_dict(), indent=2))
@@ -240,13 +242,13 @@ def _print_plan(todo, done, problems, as_json: bool) -> int:
 
 
 class _progress:
-    """A rich progress bar on stderr when it is a terminal; otherwise failures as plain lines."""
+    """A rich progress bar on stderr when it is a terminal (``bar``); failures as lines (``report``)."""
 
-    def __init__(self, total: int, quiet: bool) -> None:
-        self.total, self.quiet, self.bar = total, quiet, None
+    def __init__(self, total: int, bar: bool, report: bool) -> None:
+        self.total, self.show_bar, self.report, self.bar = total, bar, report, None
 
     def __enter__(self):
-        if not self.quiet and sys.stderr.isatty():
+        if self.show_bar and sys.stderr.isatty():
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -257,7 +259,7 @@ class _progress:
         return self.on_image
 
     def on_image(self, item, error) -> None:
-        if error and not self.quiet:
+        if error and self.report:
             (self.bar.console.print if self.bar else lambda m: typer.echo(m, err=True))(f"failed: {item.path}: {error}")
         if self.bar:
             self.bar.advance(self.task)

@@ -23,6 +23,7 @@ class Loaded:
     size: tuple[int, int] = (0, 0)  # original (H, W)
     rgb: np.ndarray | None = None  # the decoded image, kept when a writer needs it (overlays, TTA)
     error: str | None = None
+    shown_path: str = ""  # the path as an error message prints it (odd bytes escaped)
 
     def pin_memory(self) -> "Loaded":  # called by DataLoader(pin_memory=True): faster host-to-GPU copies
         if self.tensor is not None:
@@ -44,7 +45,7 @@ class _Images(torch.utils.data.Dataset):
         try:
             rgb = load_image(item.path, self.max_pixels)
         except ImageError as e:
-            return Loaded(item, error=e.reason)
+            return Loaded(item, error=e.reason, shown_path=e.path)
         size = (int(rgb.shape[0]), int(rgb.shape[1]))
         if self.protocol.tta:  # multi-scale TTA resizes per scale itself: hand over the pixels
             return Loaded(item, None, size, rgb)

@@ -63,7 +63,8 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+    # backslashreplace: a file name that is not UTF-8 (surrogate-escaped) stays readable JSON
+    write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace"))
 
 
 def _remove(path: str | Path) -> None:
@@ -162,7 +163,7 @@ def write_coco(out: str | Path, labelset: LabelSet, info: dict[str, Any] | None 
     Image ids follow the sorted relative paths; annotation ids count up in that order."""
     out = Path(out)
     records = list(iter_records(out))  # paths only; each record is read when written
-    with atomic_path(out / COCO_FILE) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(out / COCO_FILE) as tmp, open(tmp, "w", encoding="utf-8", errors="backslashreplace") as f:
         f.write('{\n"info": ' + json.dumps(info or {}, ensure_ascii=False))
         f.write(',\n"categories": ' + json.dumps(coco_categories(labelset), ensure_ascii=False))
         f.write(',\n"images": [')
