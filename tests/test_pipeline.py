@@ -167,3 +167,20 @@ def test_background_writer_keeps_order_and_surfaces_errors():
     with pytest.raises(OutputError, match="No space left"):
         writer.drain()
     writer.close()
+
+
+def test_compiled_model_labels_like_the_eager_one(tmp_path, setup):
+    """--compile: torch.compile (inductor, here on the CPU) gives the eager model's labels."""
+    from PIL import Image
+
+    items, model, labelset = setup
+    items = [i for i in items if i.rel.startswith("a")][:2]
+    eager = annotate(items, model, labelset, AnnotateConfig(out=tmp_path / "eager", protocol=Protocol(short_side=64)),
+                     argv=[])
+    compiled = annotate(items, model, labelset, AnnotateConfig(out=tmp_path / "compiled", compile=True,
+                                                               protocol=Protocol(short_side=64)), argv=[])
+    assert eager.labelled == compiled.labelled == 2
+    assert hasattr(model.forward, "_torchdynamo_orig_callable")
+    for p in sorted((tmp_path / "eager" / "masks").glob("*.png")):
+        a, b = np.asarray(Image.open(p)), np.asarray(Image.open(tmp_path / "compiled" / "masks" / p.name))
+        assert (a == b).mean() > 0.999
