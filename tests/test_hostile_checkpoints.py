@@ -93,21 +93,13 @@ def test_pretrained_file_for_maskclip(tmp_path, small_labelset, marker):
     assert not (tmp_path / "out" / "masks").exists()
 
 
-def test_lseg_checkpoint(tmp_path, small_labelset, marker):
-    evil = plant(tmp_path / "demo_e200.ckpt", marker)
+@pytest.mark.parametrize("kind, name", [("lseg", "demo_e200.ckpt"), ("student", "student.pt")])
+def test_lseg_and_student_checkpoints(tmp_path, small_labelset, marker, kind, name):
+    evil = plant(tmp_path / name, marker)
     photos = tmp_path / "photos"
     write_images(photos, ["a.jpg"])
     r = run("annotate", str(photos), "--labels", str(small_labelset), "--out", str(tmp_path / "out"),
-            "--model", f"lseg:{evil}", "--device", "cpu")
-    assert_refused(r, evil, marker)
-
-
-def test_student_checkpoint(tmp_path, small_labelset, marker):
-    evil = plant(tmp_path / "student.pt", marker)
-    photos = tmp_path / "photos"
-    write_images(photos, ["a.jpg"])
-    r = run("annotate", str(photos), "--labels", str(small_labelset), "--out", str(tmp_path / "out"),
-            "--model", f"student:{evil}", "--device", "cpu")
+            "--model", f"{kind}:{evil}", "--device", "cpu")
     assert_refused(r, evil, marker)
 
 

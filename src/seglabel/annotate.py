@@ -159,6 +159,7 @@ def _label(todo: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSet, 
                          keep_rgb=config.overlay, workers=workers, pin_memory=device.type == "cuda")
     writer = BackgroundWriter(config.writer_threads, limit=2 * config.batch_size + 2)
     buckets: dict[tuple, list[Loaded]] = {}  # equal input shapes batch together
+    out = Path(config.out)
 
     def finished(items: list[ImageItem]) -> None:
         for item in items:
@@ -169,17 +170,17 @@ def _label(todo: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSet, 
         for ld, pred in zip(batch, _predict(predictor, batch, config.precision)):
             finished(writer.submit(ld.item, _write_image, out, ld.item, ld.rgb, pred, labelset, config))
 
-    out = Path(config.out)
     try:
         for ld in loaded:
             if ld.error is not None:
                 summary.failures.append((ld.shown_path or str(ld.item.path), ld.error))
                 on_image(ld.item, ld.error)
                 continue
-            bucket = buckets.setdefault(tuple(ld.tensor.shape) if ld.tensor is not None else (), [])
+            shape = tuple(ld.tensor.shape) if ld.tensor is not None else ()  # () : TTA, raw pixels
+            bucket = buckets.setdefault(shape, [])
             bucket.append(ld)
             if len(bucket) >= config.batch_size:
-                run(buckets.pop(tuple(ld.tensor.shape) if ld.tensor is not None else ()))
+                run(buckets.pop(shape))
             elif sum(map(len, buckets.values())) > 4 * config.batch_size:  # odd sizes: bound the wait
                 run(buckets.pop(max(buckets, key=lambda k: len(buckets[k]))))
         for key in list(buckets):
