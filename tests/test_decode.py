@@ -283,3 +283,27 @@ def test_cuda_predictions_come_back_as_uint8_and_match_the_cpu(tiny_model):
 def test_cuda_marker_is_registered(pytestconfig):
     assert any(m.startswith("cuda:") for m in pytestconfig.getini("markers"))
 
+
+
+def test_cli_decode_flag(tmp_path, tiny_weights, small_labelset):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    make_tree(tmp_path / "photos")
+
+    def cli(out, *extra):
+        return subprocess.run(
+            [sys.executable, "-m", "seglabel", "annotate", str(tmp_path / "photos"), "--labels", str(small_labelset),
+             "--out", str(out), "--model", "maskclip:tiny-vit", "--model-config", str(TINY_CONFIGS["tiny-vit"]),
+             "--pretrained", str(tiny_weights["tiny-vit"]), "--short-side", "32", *extra],
+            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+
+    bad = cli(tmp_path / "bad", "--decode", "gpu")
+    assert bad.returncode == 2 and "--decode gpu: choose auto, cpu or device" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+    ok = cli(tmp_path / "ok", "--decode", "device", "--quiet")
+    assert ok.returncode == 3, ok.stderr  # 3: the three unreadable files, reported as before
+    assert json.loads((tmp_path / "ok" / "run.json").read_text())["options"]["decode"] == "device"
+    assert len(list((tmp_path / "ok" / "masks").glob("*.png"))) == 10
