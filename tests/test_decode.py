@@ -155,7 +155,8 @@ def test_loader_batches_jpegs_and_falls_back_per_image(tmp_path, monkeypatch):
     dev = list(load_images(items, protocol, MEAN, STD, DEFAULT_MAX_PIXELS, decode_on=torch.device("cpu"),
                            decode_batch=2))
     cpu = list(load_images(items, protocol, MEAN, STD, DEFAULT_MAX_PIXELS))
-    # 5 device JPEGs in windows of 2, 2, 1; the window holding b_444 is retried image by image
+    # windows of 2 files: a_420 + b_444 (refused: retried one by one), c_422 + d_progressive,
+    # e_upright_exif + f_rotated (CPU path), then no JPEG the device takes
     assert calls == [2, 1, 1, 2, 1]
     for a, b in zip(cpu, dev):
         assert a.error == b.error and (a.tensor is None or torch.equal(a.tensor, b.tensor)), a.item.rel

@@ -114,14 +114,12 @@ def load_images(items: Sequence[ImageItem], protocol: Protocol, mean, std, max_p
         return
     norm = (torch.tensor(dataset.mean, device=decode_on).view(3, 1, 1),
             torch.tensor(dataset.std, device=decode_on).view(3, 1, 1))
-    window: list[Loaded] = []
-    encoded_in_window = 0
+    window: list[Loaded] = []  # at most decode_batch images of any kind: bounded memory
     for ld in loaded:
         window.append(ld)
-        encoded_in_window += ld.jpeg is not None
-        if encoded_in_window >= decode_batch:
+        if len(window) >= decode_batch:
             yield from _decode_window(window, dataset, decode_on, norm)
-            window, encoded_in_window = [], 0
+            window = []
     yield from _decode_window(window, dataset, decode_on, norm)
 
 
