@@ -22,7 +22,7 @@ import torch
 from . import __version__, exitcodes
 from .images import DEFAULT_MAX_PIXELS, ImageError, ImageItem
 from .labelset import LabelSet, parse_labelset
-from .loader import Loaded, default_workers, load_images
+from .loader import Loaded, decode_device, default_workers, load_images
 from .models.base import Segmenter
 from .predict import Prediction, Predictor, Protocol, to_mask
 from .runs import RUNS, RunError, read_records, record_path, run_lock, unfinished_shards
@@ -49,6 +49,7 @@ class AnnotateConfig:
     writer_threads: int = 2
     precision: str = "fp32"  # fp32 | fp16 | bf16 (autocast around the model only)
     compile: bool = False  # torch.compile the model's forward (pays off on long GPU runs)
+    decode: str = "auto"  # JPEGs: auto (on the GPU when there is one) | cpu | device (loader.decode_device)
     part: str | None = None  # this run is one part of a job (a shard, a Ray actor): no coco.json
     cleanup: bool = True  # look for temporaries a killed run left (a walk of ``out``)
 
@@ -156,7 +157,8 @@ def _label(todo: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSet, 
     predictor = Predictor(segmenter, config.protocol, config.batch_size)
     workers = default_workers(device) if config.workers is None else config.workers
     loaded = load_images(todo, config.protocol, segmenter.mean, segmenter.std, config.max_pixels,
-                         keep_rgb=config.overlay, workers=workers, pin_memory=device.type == "cuda")
+                         keep_rgb=config.overlay, workers=workers, pin_memory=device.type == "cuda",
+                         decode_on=decode_device(config.decode, device), decode_batch=max(16, config.batch_size))
     writer = BackgroundWriter(config.writer_threads, limit=2 * config.batch_size + 2)
     buckets: dict[tuple, list[Loaded]] = {}  # equal input shapes batch together
     out = Path(config.out)
@@ -293,7 +295,7 @@ def _run_record(labelset: LabelSet, segmenter: Segmenter, config: AnnotateConfig
         "part": config.part,
         "options": {"overlay": config.overlay, "save_scores": config.save_scores,
                     "batch_size": config.batch_size, "max_pixels": config.max_pixels,
-                    "workers": config.workers, "precision": config.precision},
+                    "workers": config.workers, "precision": config.precision, "decode": config.decode},
         "labelset": labelset.to_dict(),
         "labelset_source": labelset.source,
     }

@@ -86,6 +86,8 @@ def annotate(
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Image loader processes (default: none on a CPU, up to 8 on a GPU)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16 (autocast around the model)."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model (long GPU runs)."),
+    decode: str = typer.Option("auto", "--decode", help="Where JPEGs are decoded: auto (on the GPU when annotating "
+                               "on one), cpu, or device (the model's device)."),
     max_pixels: int = typer.Option(178_956_970, "--max-pixels", min=1, help="Refuse images with more pixels."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be done; load no model."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
@@ -122,10 +124,12 @@ def annotate(
         protocol = Protocol(short_side, max_long_side, window, window_stride, tta, pamr=pamr)
         if precision not in ("fp32", "fp16", "bf16"):
             fail(f"--precision {precision}: choose fp32, fp16 or bf16")
+        if decode not in ("auto", "cpu", "device"):
+            fail(f"--decode {decode}: choose auto, cpu or device")
         config = AnnotateConfig(out=out, overwrite=overwrite, overlay=overlay, save_scores=save_scores,
                                 min_confidence=min_confidence, batch_size=batch_size, max_pixels=max_pixels,
                                 protocol=protocol, workers=workers, precision=precision, compile=compile_model,
-                                part=shard_part(shard_spec))
+                                decode=decode, part=shard_part(shard_spec))
         segmenter = load_segmenter(
             model, labelset, pretrained=pretrained, cache_dir=cache_dir, device=resolve_device(device),
             model_config=str(model_config) if model_config else None,

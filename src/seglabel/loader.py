@@ -2,6 +2,11 @@
 
 Each image becomes a ``Loaded``: the model-ready tensor (or the reason it could not be read).
 With ``workers=0`` everything runs in the calling process, one image at a time.
+
+With ``decode_on`` a device (the GPU), plain JPEGs are not decoded in the workers: they only read
+the file and its header, and the calling process decodes a window of them in one batched call on
+the device and resizes them there (decode.py). Every other image is decoded in the workers as
+before, which is also the fallback for any JPEG the device decoder refuses.
 """
 from __future__ import annotations
 
@@ -12,8 +17,11 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from .decode import decode_jpegs, device_decoding_available, device_jpeg
 from .images import ImageError, ImageItem, load_image
-from .predict import Protocol, prepare_image
+from .predict import Protocol, prepare_image, prepare_pixels
+
+DECODE_CHOICES = ("auto", "cpu", "device")
 
 
 @dataclass
@@ -24,6 +32,7 @@ class Loaded:
     rgb: np.ndarray | None = None  # the decoded image, kept when a writer needs it (overlays, TTA)
     error: str | None = None
     shown_path: str = ""  # the path as an error message prints it (odd bytes escaped)
+    jpeg: torch.Tensor | None = None  # the file's bytes, while it waits to be decoded on the device
 
     def pin_memory(self) -> "Loaded":  # called by DataLoader(pin_memory=True): faster host-to-GPU copies
         if self.tensor is not None:
@@ -33,15 +42,24 @@ class Loaded:
 
 class _Images(torch.utils.data.Dataset):
     def __init__(self, items: Sequence[ImageItem], protocol: Protocol, mean, std, max_pixels: int,
-                 keep_rgb: bool) -> None:
+                 keep_rgb: bool, encoded: bool = False) -> None:
         self.items, self.protocol, self.max_pixels, self.keep_rgb = list(items), protocol, max_pixels, keep_rgb
         self.mean, self.std = tuple(mean), tuple(std)
+        self.encoded = encoded  # plain JPEGs stay encoded, for the device to decode
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> Loaded:
         item = self.items[i]
+        if self.encoded:
+            found = device_jpeg(item.path, self.max_pixels)
+            if found is not None:
+                return Loaded(item, size=found[1], jpeg=found[0])
+        return self.decode(item)
+
+    def decode(self, item: ImageItem) -> Loaded:
+        """The CPU path: PIL decodes, the tensor is resized here."""
         try:
             rgb = load_image(item.path, self.max_pixels)
         except ImageError as e:
@@ -63,19 +81,65 @@ def default_workers(device: torch.device) -> int:
     return max(1, min(8, cores - 1))
 
 
+def decode_device(choice: str, device: torch.device) -> torch.device | None:
+    """Where JPEGs are decoded for a model on ``device``: None for the loader's CPU path, else the
+    device. ``auto``: the GPU when it can (CUDA with nvjpeg), else the CPU; ``cpu``: always the
+    CPU; ``device``: the model's device whatever it is (on a CPU, torchvision's decoder)."""
+    if choice not in DECODE_CHOICES:
+        raise ValueError(f"--decode {choice}: choose one of {', '.join(DECODE_CHOICES)}")
+    if choice == "cpu" or (choice == "auto" and not device_decoding_available(device)):
+        return None
+    if device.type == "cuda" and not device_decoding_available(device):
+        raise ValueError("--decode device: this torchvision cannot decode JPEGs on the GPU (built without nvjpeg)")
+    return device
+
+
 def load_images(items: Sequence[ImageItem], protocol: Protocol, mean, std, max_pixels: int,
                 keep_rgb: bool = False, workers: int = 0, pin_memory: bool = False,
-                prefetch: int = 4) -> Iterator[Loaded]:
+                prefetch: int = 4, decode_on: torch.device | None = None,
+                decode_batch: int = 32) -> Iterator[Loaded]:
     """Yield a ``Loaded`` per item, in order; with ``workers`` > 0 up to ``workers * prefetch``
-    images are decoded ahead."""
-    dataset = _Images(items, protocol, mean, std, max_pixels, keep_rgb)
+    images are decoded ahead. With ``decode_on``, plain JPEGs are decoded there, ``decode_batch``
+    at a time, and their tensors are on that device (not with the TTA protocol, which takes pixels)."""
+    encoded = decode_on is not None and not protocol.tta
+    dataset = _Images(items, protocol, mean, std, max_pixels, keep_rgb, encoded)
     if workers <= 0 or len(dataset) <= 1:
-        yield from (dataset[i] for i in range(len(dataset)))
+        loaded: Iterator[Loaded] = (dataset[i] for i in range(len(dataset)))
+    else:
+        loaded = iter(torch.utils.data.DataLoader(
+            dataset, batch_size=None, shuffle=False, num_workers=min(workers, len(dataset)),
+            collate_fn=_identity, pin_memory=pin_memory, prefetch_factor=prefetch))
+    if not encoded:
+        yield from loaded
         return
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=min(workers, len(dataset)),
-        collate_fn=_identity, pin_memory=pin_memory, prefetch_factor=prefetch)
-    yield from loader
+    norm = (torch.tensor(dataset.mean, device=decode_on).view(3, 1, 1),
+            torch.tensor(dataset.std, device=decode_on).view(3, 1, 1))
+    window: list[Loaded] = []  # at most decode_batch images of any kind: bounded memory
+    for ld in loaded:
+        window.append(ld)
+        if len(window) >= decode_batch:
+            yield from _decode_window(window, dataset, decode_on, norm)
+            window = []
+    yield from _decode_window(window, dataset, decode_on, norm)
+
+
+def _decode_window(window: list[Loaded], dataset: _Images, device: torch.device,
+                   norm: tuple[torch.Tensor, torch.Tensor]) -> list[Loaded]:
+    """The window's encoded JPEGs decoded in one call on ``device`` and prepared there; a JPEG the
+    device decoder refuses takes the CPU path here. Order kept."""
+    waiting = [i for i, ld in enumerate(window) if ld.jpeg is not None]
+    pixels = decode_jpegs([window[i].jpeg for i in waiting], device)
+    mean, std = norm
+    for i, px in zip(waiting, pixels):
+        ld = window[i]
+        if px is None or tuple(px.shape[1:]) != ld.size:
+            window[i] = dataset.decode(ld.item)
+            continue
+        ld.jpeg = None
+        ld.tensor = prepare_pixels(px, dataset.protocol, mean, std)
+        if dataset.keep_rgb:  # overlays are drawn on the CPU
+            ld.rgb = px.permute(1, 2, 0).cpu().numpy()
+    return window
 
 
 def _identity(x: Loaded) -> Loaded:

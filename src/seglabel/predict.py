@@ -31,7 +31,7 @@ class Protocol:
 
 @dataclass
 class Prediction:
-    labels: np.ndarray  # (H, W) int64 class index, original image size
+    labels: np.ndarray  # (H, W) class index (uint8 up to 256 classes, else int32), original image size
     confidence: np.ndarray  # (H, W) float32 probability of that class
 
 
@@ -73,8 +73,16 @@ def prepare_image(rgb: np.ndarray, protocol: Protocol, mean: Sequence[float] | t
                   std: Sequence[float] | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """RGB uint8 (H, W, 3) -> normalised float (3, H', W') resized to the protocol's size
     (antialiased bilinear). A plain function so loader processes can run it."""
-    h, w = rgb.shape[:2]
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(2, 0, 1).float().div_(255)
+    pixels = torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(2, 0, 1)
+    return prepare_pixels(pixels, protocol, mean, std)
+
+
+def prepare_pixels(pixels: torch.Tensor, protocol: Protocol, mean: Sequence[float] | torch.Tensor,
+                   std: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """``prepare_image`` of RGB uint8 pixels (3, H, W) already in a tensor, on its device (e.g.
+    decoded on the GPU). Pass ``mean`` and ``std`` as tensors on that device to spare a copy."""
+    h, w = pixels.shape[1:]
+    x = pixels.float().div_(255)
     size = resized_size(h, w, protocol)
     if size != (h, w):
         x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
@@ -125,9 +133,10 @@ class Predictor:
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start:start + self.batch_size]
                 logits = self.model(torch.stack([padded[i] for i in chunk]))
-                for i, lg in zip(chunk, logits):
-                    out[i] = self._finish(*self._refine(lg, self.model.stride, prepared[i]),
-                                          prepared[i].shape[1:], sizes[i])
+                maps = [self._label_maps(*self._refine(lg, self.model.stride, prepared[i]),
+                                         prepared[i].shape[1:], sizes[i]) for i, lg in zip(chunk, logits)]
+                for i, pred in zip(chunk, _to_host(maps)):
+                    out[i] = pred
         return out  # type: ignore[return-value]
 
     def _tta(self, rgb: np.ndarray) -> Prediction:
@@ -190,6 +199,12 @@ class Predictor:
     def _finish(self, logits: torch.Tensor, cell: int, resized: Sequence[int], original: Sequence[int]) -> Prediction:
         """Logits (K, h, w) whose cells are ``cell`` resized pixels -> labels at the original size:
         upsampled to the (padded) resized image, cropped, resized to the original, then softmax."""
+        return _to_host([self._label_maps(logits, cell, resized, original)])[0]
+
+    def _label_maps(self, logits: torch.Tensor, cell: int, resized: Sequence[int],
+                    original: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_finish`` up to the copy to the host: (labels, confidence) on the model's device.
+        Labels are uint8 up to 256 classes: all that crosses to the host is 5 bytes a pixel."""
         (h, w), (rh, rw), (oh, ow) = logits.shape[1:], resized, original
         dev = logits.device
         my = bilinear_matrix(rh, oh, dev) @ bilinear_matrix(h, h * cell, dev)[:rh]
@@ -197,12 +212,22 @@ class Predictor:
         k = logits.shape[0]
         cols = torch.einsum("khw,xw->khx", logits.float(), mx)  # (K, h, W0)
         band = max(1, (1 << 24) // max(1, k * ow))
-        labels = torch.empty(oh, ow, dtype=torch.long, device=dev)
+        labels = torch.empty(oh, ow, dtype=torch.uint8 if k <= 256 else torch.int32, device=dev)
         conf = torch.empty(oh, ow, dtype=torch.float32, device=dev)
         for y in range(0, oh, band):
             probs = torch.einsum("yh,khx->kyx", my[y:y + band], cols).softmax(dim=0)
             conf[y:y + band], labels[y:y + band] = probs.max(dim=0)
-        return Prediction(labels.cpu().numpy(), conf.cpu().numpy())
+        return labels, conf
+
+
+def _to_host(maps: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[Prediction]:
+    """(labels, confidence) tensors -> Predictions of NumPy arrays. From a GPU the copies of a whole
+    batch are queued (into pinned memory) and waited for once, not image by image."""
+    if not maps or maps[0][0].device.type != "cuda":
+        return [Prediction(labels.cpu().numpy(), conf.cpu().numpy()) for labels, conf in maps]
+    copies = [(labels.to("cpu", non_blocking=True), conf.to("cpu", non_blocking=True)) for labels, conf in maps]
+    torch.cuda.current_stream(maps[0][0].device).synchronize()
+    return [Prediction(labels.numpy(), conf.numpy()) for labels, conf in copies]
 
 
 def _starts(length: int, win: int, step: int) -> list[int]:

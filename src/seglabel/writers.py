@@ -124,19 +124,60 @@ def image_record(rel: str, mask: np.ndarray, confidence: np.ndarray, labelset: L
     from pycocotools import mask as mask_util
 
     height, width = mask.shape
-    present = np.unique(mask)
+    classes, counts = class_run_lengths(mask, labelset.ignore_index)
     annotations = []
-    for k in present[present != labelset.ignore_index].tolist():
-        rle = mask_util.encode(np.asfortranarray(mask == k, dtype=np.uint8))
-        annotations.append({
-            "category_id": int(k) + 1,
-            "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")},
-            "area": int(mask_util.area(rle)),
-            "bbox": [float(v) for v in mask_util.toBbox(rle)],
-            "iscrowd": 0,
-        })
+    if classes:
+        rles = mask_util.frPyObjects([{"size": [height, width], "counts": c} for c in counts], height, width)
+        for k, rle, area, box in zip(classes, rles, mask_util.area(rles), mask_util.toBbox(rles)):
+            annotations.append({
+                "category_id": k + 1,
+                "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")},
+                "area": int(area),
+                "bbox": [float(v) for v in box],
+                "iscrowd": 0,
+            })
     return {"file_name": rel, "width": width, "height": height,
             "confidence": round(float(confidence.mean()), 6), "annotations": annotations}
+
+
+def class_run_lengths(mask: np.ndarray, ignore_index: int) -> tuple[list[int], list[np.ndarray]]:
+    """The classes in ``mask`` (ascending, ``ignore_index`` left out) and, for each, the
+    uncompressed COCO run lengths of its binary mask: column-major order, alternating runs of
+    0 and 1 starting with 0, as ``pycocotools.mask.encode(mask == k)`` counts them.
+
+    One pass over the label map finds every run of equal labels; each class's runs, with the
+    gaps between them, are its binary mask's runs. The per-class cost is then the number of
+    its runs, not the number of pixels, so many classes cost about as much as one."""
+    height, width = mask.shape
+    n = height * width
+    if n == 0:
+        return [], []
+    index = np.int32 if n < 2**31 else np.int64  # half the memory traffic of int64 on noisy maps
+    flat = np.ascontiguousarray(mask.T).reshape(-1)  # column-major, the order COCO counts in
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    starts = np.concatenate((np.zeros(1, dtype=index), changes.astype(index)))  # of every run
+    lengths = np.diff(starts, append=index(n))
+    values = flat[starts]
+    order = np.argsort(values, kind="stable")  # runs grouped by class, in image order within each
+    values, starts, lengths = values[order], starts[order], lengths[order]
+    first = np.flatnonzero(np.concatenate(([True], values[1:] != values[:-1])))  # each class's first run
+    last = np.append(first[1:], len(values)) - 1
+    ends = starts + lengths
+    gaps = np.empty_like(starts)  # zeros before each run: since the class's previous run ...
+    gaps[1:] = starts[1:] - ends[:-1]
+    gaps[first] = starts[first]  # ... or since the first pixel
+    runs = np.empty(2 * len(starts), dtype=np.uint32)
+    runs[0::2] = gaps
+    runs[1::2] = lengths
+    classes, counts = [], []
+    for k, a, b in zip(values[first].tolist(), first.tolist(), last.tolist()):
+        if k == ignore_index:
+            continue
+        c = runs[2 * a:2 * b + 2]
+        tail = n - int(ends[b])
+        classes.append(int(k))
+        counts.append(np.append(c, np.uint32(tail)) if tail else c)  # zeros after its last run
+    return classes, counts
 
 
 def coco_categories(labelset: LabelSet) -> list[dict[str, Any]]:
