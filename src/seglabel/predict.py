@@ -158,7 +158,8 @@ class Predictor:
         tops = _starts(height, win, step)
         lefts = _starts(width, win, step)
         boxes = [(t, l, min(t + win, height), min(l + win, width)) for t in tops for l in lefts]
-        context = self.model.image_context(x)  # e.g. regions of the whole image (models/base.py)
+        whole_image = getattr(self.model, "image_context", None)  # e.g. CorrCLIP's regions (models/base.py)
+        context = whole_image(x) if whole_image else None
         total = count = None
         for start in range(0, len(boxes), self.batch_size):
             chunk = boxes[start:start + self.batch_size]
