@@ -61,6 +61,7 @@ BAD = [
     (dict(method="proxyclip", proxy="clip", proxy_weights="x.pth"), "give no --proxy-weights"),
     (dict(method="corrclip", proxy="clip", regions="slic:x"), "slic:N"),
     (dict(method="corrclip", proxy="clip", regions="watershed"), "sam2:FILE"),
+    (dict(method="proxyclip", proxy="clip", key_smoothing=True), "--key-smoothing applies"),
 ]
 
 

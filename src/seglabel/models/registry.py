@@ -39,6 +39,9 @@ def build_maskclip(name: str, pretrained: str | None = "openai", cache_dir: str 
         raise ValueError(f"{given} applies to --method proxyclip or corrclip")
     if method == "proxyclip" and regions:
         raise ValueError("--regions applies to --method corrclip")
+    if method in VFM_METHODS and (key_smoothing or prompt_denoising):
+        raise ValueError(f"--{'key-smoothing' if key_smoothing else 'prompt-denoising'} applies to the CLIP-only "
+                         f"methods, not {method}")
     if method == "corrclip" and not regions:
         raise ValueError("--method corrclip needs --regions (sam2:FILE, sam:FILE or slic)")
     if method in VFM_METHODS:
