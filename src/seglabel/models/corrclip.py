@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import trainingfree as tf
 from .proxyclip import ProxyCLIP, clip_tokens, pad_centred, values_on_grid
 from .regions import RegionSource
 from .vfm import VFM
