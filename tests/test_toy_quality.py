@@ -23,6 +23,9 @@ FLOORS = {  # (tower, extra flags) -> minimum mIoU
     ("toyclip-vit", ("--pamr",)): 0.85,  # measured 0.939 (SCLIP + PAMR)
     ("toyclip-vit", ("--method", "naclip", "--pamr")): 0.78,  # measured 0.863
     ("toyclip-vit", ("--method", "maskclip")): 0.67,  # measured 0.752 (key smoothing + prompt denoising)
+    # the toy CLIP's own tower as the second model; CorrCLIP with superpixel regions
+    ("toyclip-vit", ("--method", "proxyclip", "--proxy", "clip")): 0.58,  # measured 0.661
+    ("toyclip-vit", ("--method", "corrclip", "--proxy", "clip", "--regions", "slic")): 0.73,  # measured 0.816
 }
 
 

@@ -65,8 +65,15 @@ def annotate(
     window_stride: int = typer.Option(0, "--window-stride", min=0, help="Sliding-window stride (0: half the window)."),
     tta: bool = typer.Option(False, "--tta", help="LSeg's official multi-scale + flip + 480 sliding window (slow)."),
     method: Optional[str] = typer.Option(None, "--method", help="Training-free method of maskclip:NAME models: "
-                                         "maskclip, clearclip, sclip, naclip or scclip (the last four: ViT "
-                                         "only; default: sclip on ViTs, maskclip on ResNets)."),
+                                         "maskclip, clearclip, sclip, naclip, scclip, or with a second "
+                                         "vision model proxyclip or corrclip (all but maskclip: ViT only; "
+                                         "default: sclip on ViTs, maskclip on ResNets)."),
+    proxy: Optional[str] = typer.Option(None, "--proxy", help="Second model of proxyclip/corrclip: dino:vitb8 "
+                                        "(default), dinov2:vitb14-reg, sam:vitb, mae:vitb, ... or clip."),
+    proxy_weights: Optional[str] = typer.Option(None, "--proxy-weights", help="Local weights file of --proxy "
+                                                "(default: the torch hub / Hugging Face cache)."),
+    regions: Optional[str] = typer.Option(None, "--regions", help="Regions of corrclip: sam2:FILE, sam:FILE "
+                                          "or slic[:N] (superpixels, no weights)."),
     pamr: bool = typer.Option(False, "--pamr", help="Refine the upsampled logits with PAMR (NACLIP's option)."),
     protocol_name: str = typer.Option("default", "--protocol", help="default (short side 512, whole image) or "
                                       "paper (the method's own; --short-side/--window given too win)."),
@@ -119,6 +126,9 @@ def annotate(
             fail("--tta and --window are two different protocols: give one")
         if method is not None and not model.startswith("maskclip:"):
             raise ValueError(f"--method {method} applies to maskclip:NAME models")
+        if (proxy or proxy_weights or regions) and method not in ("proxyclip", "corrclip"):
+            raise ValueError(f"{'--proxy' if proxy else '--proxy-weights' if proxy_weights else '--regions'} "
+                             f"applies to --method proxyclip or corrclip")
         if protocol_name not in ("default", "paper"):
             raise ValueError(f"--protocol {protocol_name}: choose default or paper")
         protocol = Protocol(short_side, max_long_side, window, window_stride, tta, pamr=pamr)
@@ -134,7 +144,8 @@ def annotate(
             model, labelset, pretrained=pretrained, cache_dir=cache_dir, device=resolve_device(device),
             model_config=str(model_config) if model_config else None,
             method=method or "auto", logit_scale=logit_scale,  # refinements None: on for maskclip only
-            key_smoothing=key_smoothing, prompt_denoising=prompt_denoising)
+            key_smoothing=key_smoothing, prompt_denoising=prompt_denoising,
+            **{k: v for k, v in (("proxy", proxy), ("proxy_weights", proxy_weights), ("regions", regions)) if v})
         if protocol_name == "paper":  # the method is known once the tower is
             config.protocol = _paper_protocol(ctx, getattr(segmenter, "method", "maskclip"), protocol)
         with _progress(len(found.items), bar=not (quiet or as_json), report=not quiet) as on_image:

@@ -167,13 +167,16 @@ class Predictor:
         tops = _starts(height, win, step)
         lefts = _starts(width, win, step)
         boxes = [(t, l, min(t + win, height), min(l + win, width)) for t in tops for l in lefts]
+        whole_image = getattr(self.model, "image_context", None)  # e.g. CorrCLIP's regions (models/base.py)
+        context = whole_image(x) if whole_image else None
         total = count = None
         for start in range(0, len(boxes), self.batch_size):
             chunk = boxes[start:start + self.batch_size]
             crops = [self._pad(x[:, t:b, l:r]) for t, l, b, r in chunk]
             shape = max(c.shape[1] for c in crops), max(c.shape[2] for c in crops)
             crops = [F.pad(c, (0, shape[1] - c.shape[2], 0, shape[0] - c.shape[1])) for c in crops]
-            logits = self.model(torch.stack(crops))
+            logits = self.model(torch.stack(crops)) if context is None else \
+                self.model(torch.stack(crops), context=context, boxes=chunk)
             logits = F.interpolate(logits, scale_factor=self.model.stride, mode="bilinear", align_corners=False)
             if total is None:
                 total = logits.new_zeros(logits.shape[1], height, width)
@@ -181,7 +184,7 @@ class Predictor:
             for (t, l, b, r), lg in zip(chunk, logits):
                 total[:, t:b, l:r] += lg[:, : b - t, : r - l]
                 count[:, t:b, l:r] += 1
-        return total / count
+        return total / count if context is None else self.model.finish_image(total / count, context)
 
     def _refine(self, logits: torch.Tensor, cell: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """With ``protocol.pamr``: logits (K, h, w) of ``cell``-pixel cells -> PAMR-refined logits

@@ -40,6 +40,16 @@ class Segmenter(nn.Module):
         return {"spec": spec, "weights": weights_identity(info.get("weights_file") or info.get("pretrained")),
                 "quick_gelu": info.get("quick_gelu")}
 
+    def image_context(self, image: torch.Tensor) -> Any:
+        """What the model needs of a whole image (3, H, W) before labelling it window by window
+        (e.g. CorrCLIP's regions); None for most models. When not None, the sliding window calls
+        ``forward(crops, context=..., boxes=[(top, left, bottom, right), ...])`` and then
+        ``finish_image(averaged logits, context)``."""
+        return None
+
+    def finish_image(self, logits: torch.Tensor, context: Any) -> torch.Tensor:
+        return logits
+
     def describe(self) -> dict[str, Any]:
         """What the run record says about the model beyond its spec and weights."""
         return {}

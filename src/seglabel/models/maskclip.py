@@ -7,6 +7,8 @@ Only the end of the image tower changes (``method``):
   two 1x1 convolutions, ``c_proj(v_proj(layer4))``.
 - ``clearclip``, ``sclip``, ``naclip``, ``scclip`` (ViT only): other last blocks, see
   ``trainingfree.py``; each resizes the position embeddings its own way.
+- ``proxyclip``, ``corrclip`` (ViT only, with a second vision model): subclasses in
+  ``proxyclip.py`` and ``corrclip.py``.
 Then ``ln_post`` and ``proj`` give one embedding per patch, compared with the text embeddings by
 cosine (``patch_logits``); ``forward`` scales the cosines by the method's logit scale.
 """
@@ -63,6 +65,9 @@ class MaskCLIP(Segmenter):
         else:
             raise ValueError(f"MaskCLIP supports open_clip ViT and ModifiedResNet image towers, not {type(visual).__name__}")
         self.method = tf.check_method(method)
+        if method in tf.VFM_METHODS and not hasattr(self, "vfm_method"):
+            raise ValueError(f"method {method} needs a second vision model: build it with "
+                             f"load_segmenter(..., method='{method}', proxy=...)")
         if self.tower != "vit" and method != "maskclip":
             raise ValueError(f"method {method} needs a ViT image tower; ResNet towers support maskclip only")
         self.logit_scale = float(logit_scale or tf.LOGIT_SCALES[method])

@@ -19,28 +19,74 @@ def build_maskclip(name: str, pretrained: str | None = "openai", cache_dir: str 
                    device: str | torch.device = "cpu", model_config: str | None = None,
                    method: str = "auto", logit_scale: float | None = None,
                    key_smoothing: bool | None = False, prompt_denoising: bool | None = False,
+                   proxy: str | None = None, proxy_weights: str | None = None, regions: str | None = None,
                    **_: Any) -> Segmenter:
-    """``method``: maskclip, clearclip, sclip, naclip or scclip (see models/trainingfree.py), or
-    auto (the default, as in the CLI: ``DEFAULT_METHOD`` on ViT towers, maskclip on ResNet towers);
-    ``logit_scale``: None for the method's own. MaskCLIP's refinements given as None: on for
-    maskclip, off for the others."""
+    """``method``: maskclip, clearclip, sclip, naclip or scclip (see models/trainingfree.py),
+    proxyclip or corrclip (with a second vision model), or auto (the default, as in the CLI:
+    ``DEFAULT_METHOD`` on ViT towers, maskclip on ResNet towers); ``logit_scale``: None for the
+    method's own. MaskCLIP's refinements given as None: on for maskclip, off for the others.
+    ProxyCLIP / CorrCLIP: ``proxy`` the second model (models/vfm.py; default dino:vitb8),
+    ``proxy_weights`` a local file of its weights, ``regions`` CorrCLIP's region source
+    (models/regions.py: sam2:FILE, sam:FILE or slic)."""
     from .clip import create_clip, register_model_config
     from .maskclip import MaskCLIP
-    from .trainingfree import check_method, default_method
+    from .trainingfree import VFM_METHODS, check_method, default_method
 
     if method != "auto":
         check_method(method)  # before minutes of weight loading
+    if method not in VFM_METHODS and (proxy or proxy_weights or regions):
+        given = "--proxy" if proxy else "--proxy-weights" if proxy_weights else "--regions"
+        raise ValueError(f"{given} applies to --method proxyclip or corrclip")
+    if method == "proxyclip" and regions:
+        raise ValueError("--regions applies to --method corrclip")
+    if method in VFM_METHODS and (key_smoothing or prompt_denoising):
+        raise ValueError(f"--{'key-smoothing' if key_smoothing else 'prompt-denoising'} applies to the CLIP-only "
+                         f"methods, not {method}")
+    if method == "corrclip" and not regions:
+        raise ValueError("--method corrclip needs --regions (sam2:FILE, sam:FILE or slic)")
+    if method in VFM_METHODS:
+        from .vfm import check_proxy
+
+        if check_proxy(proxy or "dino:vitb8").startswith("sam:") and method == "corrclip":
+            raise ValueError("--method corrclip reads q + k of a plain ViT: use --proxy dino:..., dinov2:..., "
+                             "mae:vitb or clip")
     if model_config:
         register_model_config(model_config)
     clip_model, tokenizer, info = create_clip(name, pretrained, cache_dir=cache_dir, device=device)
     if method == "auto":
         method = default_method("resnet" if hasattr(clip_model.visual, "attnpool") else "vit")
+    if method in VFM_METHODS:
+        model = _build_with_vfm(method, clip_model, tokenizer, logit_scale, proxy or "dino:vitb8", proxy_weights,
+                                regions, cache_dir, device)
+        model.weights_info = info
+        return model
     refine = method == "maskclip"
     model = MaskCLIP(clip_model, tokenizer=tokenizer, method=method, logit_scale=logit_scale,
                      key_smoothing=refine if key_smoothing is None else key_smoothing,
                      prompt_denoising=refine if prompt_denoising is None else prompt_denoising)
     model.weights_info = info
     return model
+
+
+def _build_with_vfm(method: str, clip_model, tokenizer, logit_scale: float | None, proxy: str,
+                    proxy_weights: str | None, regions: str | None, cache_dir: str | None, device) -> Segmenter:
+    from .vfm import build_vfm
+
+    if hasattr(clip_model.visual, "attnpool"):
+        raise ValueError(f"method {method} needs a ViT image tower; ResNet towers support maskclip only")
+    region_source = None
+    if regions:  # checked before the second model's weights are read
+        from .regions import build_regions
+
+        region_source = build_regions(regions, device=device, cache_dir=cache_dir)
+    vfm = build_vfm(proxy, proxy_weights, clip_visual=clip_model.visual, cache_dir=cache_dir, device=device)
+    if method == "corrclip":
+        from .corrclip import CorrCLIP
+
+        return CorrCLIP(clip_model, vfm, region_source, tokenizer=tokenizer, logit_scale=logit_scale)
+    from .proxyclip import ProxyCLIP
+
+    return ProxyCLIP(clip_model, vfm, tokenizer=tokenizer, logit_scale=logit_scale)
 
 
 def build_student(path: str, **options: Any) -> Segmenter:

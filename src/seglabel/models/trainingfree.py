@@ -23,10 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 METHODS = ("maskclip", "clearclip", "sclip", "naclip", "scclip")
+# Methods that also need a second vision model (models/proxyclip.py, models/corrclip.py).
+VFM_METHODS = ("proxyclip", "corrclip")
 
 # softmax(scale * cosine) as each method's evaluation computes it; only the confidence depends on
 # it (argmax does not). MaskCLIP's refinements use CLIP's own temperature.
-LOGIT_SCALES = {"maskclip": 100.0, "clearclip": 50.0, "sclip": 40.0, "naclip": 40.0, "scclip": 40.0}
+LOGIT_SCALES = {"maskclip": 100.0, "clearclip": 50.0, "sclip": 40.0, "naclip": 40.0, "scclip": 40.0,
+                "proxyclip": 40.0, "corrclip": 40.0}
 
 NACLIP_SIGMA = 5.0  # patches
 SCCLIP_LOF_NEIGHBOURS = 30
@@ -48,8 +51,8 @@ def default_method(tower: str) -> str:
 
 
 def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
+    if method not in METHODS + VFM_METHODS:
+        raise ValueError(f"unknown method '{method}' (known: {', '.join(METHODS + VFM_METHODS)})")
     return method
 
 
@@ -58,7 +61,10 @@ def paper_protocol(method: str):
 
     MaskCLIP: short side 512, whole image. ClearCLIP: short side 448, 448 window, stride 224.
     SCLIP, NACLIP, SC-CLIP: short side 336, 224 window, stride 112 (all three use 560 on
-    Cityscapes, and NACLIP labels VOC whole-image: override with --short-side / --window 0)."""
+    Cityscapes, and NACLIP labels VOC whole-image: override with --short-side / --window 0).
+    ProxyCLIP, CorrCLIP: short side 336, 336 window, stride 112 (both use short side 448 on ADE20K
+    and Cityscapes, and a 224 window on Cityscapes); each window is padded, centred, to a
+    multiple of 56 by the model itself."""
     from ..predict import Protocol
 
     check_method(method)
@@ -66,6 +72,8 @@ def paper_protocol(method: str):
         return Protocol(short_side=512, max_long_side=2048)
     if method == "clearclip":
         return Protocol(short_side=448, max_long_side=2048, window=448, window_stride=224)
+    if method in VFM_METHODS:
+        return Protocol(short_side=336, max_long_side=2048, window=336, window_stride=112)
     return Protocol(short_side=336, max_long_side=2048, window=224, window_stride=112)
 
 
