@@ -308,11 +308,67 @@ def test_logits_are_fixed_scale_cosines_max_over_prompts(ckpts):
                                F.interpolate(model(x), size=(64, 64), mode="bilinear", align_corners=True))
 
 
-def test_cpu_runs_fp32_and_cuda_would_autocast(ckpts):
+class _CudaLooking(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: what LSeg decides from the device can be seen here."""
+
+    @property
+    def device(self):
+        return torch.device("cuda")
+
+
+def test_lseg_opens_no_autocast_of_its_own(ckpts, monkeypatch):
+    """`--precision fp32` (annotate's default) must mean fp32 on CUDA too: LSeg used to open an fp16
+    autocast region itself on any CUDA input."""
     model = build_lseg(str(ckpts["vit"][0]))
-    assert model.autocast_dtype(torch.device("cpu")) is None
-    assert model.autocast_dtype(torch.device("cuda")) in (torch.float16, torch.bfloat16)
-    assert LSeg(model.net, precision="fp32").autocast_dtype(torch.device("cuda")) is None
+    model.set_labels(LabelSet.from_names(["a", "b"]))
+    opened = []
+    real = torch.autocast
+
+    def spy(*args, **kwargs):
+        if kwargs.get("enabled", True):  # regions that turn autocast off are fine
+            opened.append((args, kwargs))
+        return real("cpu", enabled=False)
+
+    monkeypatch.setattr(torch, "autocast", spy)
+    feats = torch.randn(1, 32, 32, 32)
+    monkeypatch.setattr(model.net, "forward", lambda x: feats)
+    x = torch.randn(1, 3, 64, 64).as_subclass(_CudaLooking)
+    assert x.device.type == "cuda"
+    out = model(x)
+    assert opened == [] and out.dtype == torch.float32 and out.shape == (1, 2, 32, 32)
+    assert "precision" not in model.describe()
+
+
+def test_lseg_runs_in_the_callers_precision(ckpts):
+    model = build_lseg(str(ckpts["vit"][0]))
+    model.set_labels(LabelSet.from_names(["a", "b"]))
+    seen = []
+    model.net.scratch.head1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    x = torch.randn(1, 3, 64, 64)
+    plain = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what annotate does for --precision bf16
+        half = model(x)
+    assert seen == [torch.float32, torch.bfloat16]
+    assert plain.dtype == half.dtype == torch.float32
+    assert (plain.argmax(1) == half.argmax(1)).float().mean() > 0.9
+
+
+def test_half_precision_overflow_is_recomputed_in_fp32(ckpts, monkeypatch):
+    model = build_lseg(str(ckpts["vit"][0]))
+    model.set_labels(LabelSet.from_names(["a", "b"]))
+    x = torch.randn(1, 3, 64, 64)
+    expected = model(x)
+    real = model.net.forward
+
+    def overflowing(images):
+        out = real(images)
+        return out.masked_fill(torch.zeros_like(out, dtype=torch.bool).index_fill_(1, torch.tensor([0]), True),
+                               float("inf")) if torch.is_autocast_enabled("cpu") else out
+
+    monkeypatch.setattr(model.net, "forward", overflowing)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(UserWarning, match="recomputed in fp32"):
+        out = model(x)
+    torch.testing.assert_close(out, expected)
 
 
 # -- the multi-scale protocol ---------------------------------------------------------------------------
