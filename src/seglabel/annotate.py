@@ -12,7 +12,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,7 +24,7 @@ from .images import DEFAULT_MAX_PIXELS, ImageError, ImageItem
 from .labelset import LabelSet, parse_labelset
 from .loader import Loaded, default_workers, load_images
 from .models.base import Segmenter
-from .predict import Prediction, Predictor, Protocol, to_mask
+from .predict import Prediction, Predictor, Protocol, resolve_protocol, to_mask
 from .runs import RUNS, RunError, read_records, record_path, run_lock, unfinished_shards
 from .writers import (MASKS, OVERLAYS, PER_IMAGE, RECORDS, RUN_FILE, SCORES, BackgroundWriter, OutputError,
                       encode_mask_png, encode_overlay_jpg, encode_scores_png, image_record,
@@ -123,6 +123,7 @@ def annotate(items: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSe
     A pipeline: loader processes decode and resize, the model runs on batches of equal-size
     inputs, writer threads encode and write; an image is done when its record is written."""
     out = Path(config.out)
+    config = replace(config, protocol=resolve_protocol(config.protocol, segmenter))  # LSeg: its own evaluation
     with run_lock(out, config.part):
         settings = settings_of(labelset, segmenter, config)
         check_settings(out, settings)

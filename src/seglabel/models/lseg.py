@@ -147,9 +147,13 @@ def load_lseg_net(path: str | Path) -> tuple[LSegNet, dict[str, Any]]:
 
 class LSeg(Segmenter):
     """LSeg as a segmenter: 1/0.07-scaled cosines of pixel and label embeddings at half the
-    input resolution; label strings are encoded as they are (no prompt templates)."""
+    input resolution; label strings are encoded as they are (no prompt templates). By default
+    images go through the official single-scale evaluation (``default_protocol``)."""
 
     stride = 2
+    # The official single-scale evaluation (seglabel.tta): long side 520, 480 windows with stride 320,
+    # black padding, align_corners=True upsampling; instead of one whole-image pass at short side 512.
+    default_protocol = {"tta": True, "scales": (1.0,), "flip": False}
 
     def __init__(self, net: LSegNet) -> None:
         super().__init__()
