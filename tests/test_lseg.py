@@ -539,7 +539,7 @@ def test_protocol_flags_still_choose_seglabels_own_protocols(ckpts):
     assert resolve_protocol(Protocol(), Identity()) == Protocol()  # models without one keep the default
 
 
-def test_annotate_records_the_protocol_it_ran(ckpts, tmp_path):
+def test_annotate_records_the_protocol_it_ran_and_resumes(ckpts, tmp_path):
     from seglabel.annotate import AnnotateConfig, annotate
     from seglabel.images import find_images
 
@@ -548,10 +548,14 @@ def test_annotate_records_the_protocol_it_ran(ckpts, tmp_path):
     model.set_labels(labelset)
     write_images(tmp_path / "photos", ["a.png"], size=(60, 90))
     out = tmp_path / "out"
-    summary = annotate(find_images([tmp_path / "photos"]).items, model, labelset, AnnotateConfig(out=out), argv=[])
+    items = find_images([tmp_path / "photos"]).items
+    summary = annotate(items, model, labelset, AnnotateConfig(out=out), argv=[])
     assert summary.labelled == 1 and not summary.failures
     protocol = json.loads((out / "run.json").read_text())["settings"]["protocol"]
     assert (protocol["tta"], protocol["scales"], protocol["flip"]) == (True, [1.0], False)
+    # the same command again resumes: the stored settings (JSON lists) equal the new ones (tuples)
+    again = annotate(items, model, labelset, AnnotateConfig(out=out), argv=[])
+    assert (again.labelled, again.skipped) == (0, 1)
 
 
 # -- the command line -----------------------------------------------------------------------------------

@@ -92,15 +92,16 @@ def plan(items: Sequence[ImageItem], out: Path, overwrite: bool = False) -> tupl
 
 
 def settings_of(labelset: LabelSet, segmenter: Segmenter, config: AnnotateConfig) -> dict[str, Any]:
-    """What decides the labels; a rerun into the same ``--out`` must have the same."""
-    return {
+    """What decides the labels; a rerun into the same ``--out`` must have the same. In the form the
+    records store (through JSON: tuples become lists), so that it compares equal to a stored one."""
+    return json.loads(json.dumps({
         "labelset": labelset.fingerprint(),
         "model": getattr(segmenter, "spec", type(segmenter).__name__),
         "weights": getattr(segmenter, "weights_info", {}).get("pretrained"),
         "method": segmenter.describe(),
         "protocol": asdict(config.protocol),
         "min_confidence": labelset.min_confidence if config.min_confidence is None else config.min_confidence,
-    }
+    }))
 
 
 def check_settings(out: Path, settings: dict[str, Any]) -> None:
