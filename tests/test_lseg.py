@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from conftest import write_images
 from seglabel.checkpoints import CheckpointError
 from seglabel.labelset import LabelSet
-from seglabel.models.lseg import LSeg, build_lseg, load_lseg_net, read_checkpoint
+from seglabel.models.lseg import build_lseg, load_lseg_net, read_checkpoint
 from seglabel.models.lseg_net import LOGIT_SCALE, build_lseg_net
 from seglabel.tta import multiscale_logits
 
