@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import string
+import unicodedata
 
 import pytest
 import yaml
@@ -59,7 +60,11 @@ def check_outcome(load) -> None:
     assert isinstance(ls, LabelSet) and len(ls) >= 1
     for c in ls.classes:
         assert c.name.strip() == c.name and c.name and c.prompts and all(p.strip() for p in c.prompts)
+        # one line of text each: nothing that would split a line of CVAT's labelmap.txt
+        assert len(c.name.splitlines()) == 1 and all(len(p.splitlines()) == 1 for p in c.prompts)
+        assert all(unicodedata.category(ch) != "Cc" for ch in c.name + "".join(c.prompts))
         assert len(c.color) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c.color)
+    assert all(isinstance(w, str) and len(w.splitlines()) == 1 for w in ls.warnings)
     assert len({n.casefold() for n in ls.names}) == len(ls)
     assert 0.0 <= ls.min_confidence <= 1.0
     assert ls.templates is None or all("{}" in t for t in ls.templates)
@@ -131,7 +136,7 @@ def test_random_yaml_text(tmp_path_factory, parts):
     ("classes: &x [a, *x]\n", "alias refers to a node that contains it"),
     ("classes: " + "[" * 2000 + "]" * 2000 + "\n", "nested too deeply"),
     ("classes:\n  - name: x\n    color: '#-1-1-1'\n", "bad colour"),
-    ('classes: ["a\\nb", "A\\nB"]\n', "duplicate class 'A\\nB'"),
+    ('classes: ["a\\nb", "A\\nB"]\n', "class 'a\\nb': the name holds a control character (\\n)"),
     ('classes: ["\\ud800"]\n', "class 'name' must be a non-empty string"),
 ])
 def test_what_the_fuzzing_found(tmp_path, text, message):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from conftest import write_images
 from seglabel.checkpoints import CheckpointError
 from seglabel.labelset import LabelSet
-from seglabel.models.lseg import LSeg, build_lseg, load_lseg_net, read_checkpoint
+from seglabel.models.lseg import build_lseg, load_lseg_net, read_checkpoint
 from seglabel.models.lseg_net import LOGIT_SCALE, build_lseg_net
 from seglabel.tta import multiscale_logits
 
@@ -308,11 +308,67 @@ def test_logits_are_fixed_scale_cosines_max_over_prompts(ckpts):
                                F.interpolate(model(x), size=(64, 64), mode="bilinear", align_corners=True))
 
 
-def test_cpu_runs_fp32_and_cuda_would_autocast(ckpts):
+class _CudaLooking(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: what LSeg decides from the device can be seen here."""
+
+    @property
+    def device(self):
+        return torch.device("cuda")
+
+
+def test_lseg_opens_no_autocast_of_its_own(ckpts, monkeypatch):
+    """`--precision fp32` (annotate's default) must mean fp32 on CUDA too: LSeg used to open an fp16
+    autocast region itself on any CUDA input."""
     model = build_lseg(str(ckpts["vit"][0]))
-    assert model.autocast_dtype(torch.device("cpu")) is None
-    assert model.autocast_dtype(torch.device("cuda")) in (torch.float16, torch.bfloat16)
-    assert LSeg(model.net, precision="fp32").autocast_dtype(torch.device("cuda")) is None
+    model.set_labels(LabelSet.from_names(["a", "b"]))
+    opened = []
+    real = torch.autocast
+
+    def spy(*args, **kwargs):
+        if kwargs.get("enabled", True):  # regions that turn autocast off are fine
+            opened.append((args, kwargs))
+        return real("cpu", enabled=False)
+
+    monkeypatch.setattr(torch, "autocast", spy)
+    feats = torch.randn(1, 32, 32, 32)
+    monkeypatch.setattr(model.net, "forward", lambda x: feats)
+    x = torch.randn(1, 3, 64, 64).as_subclass(_CudaLooking)
+    assert x.device.type == "cuda"
+    out = model(x)
+    assert opened == [] and out.dtype == torch.float32 and out.shape == (1, 2, 32, 32)
+    assert "precision" not in model.describe()
+
+
+def test_lseg_runs_in_the_callers_precision(ckpts):
+    model = build_lseg(str(ckpts["vit"][0]))
+    model.set_labels(LabelSet.from_names(["a", "b"]))
+    seen = []
+    model.net.scratch.head1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    x = torch.randn(1, 3, 64, 64)
+    plain = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what annotate does for --precision bf16
+        half = model(x)
+    assert seen == [torch.float32, torch.bfloat16]
+    assert plain.dtype == half.dtype == torch.float32
+    assert (plain.argmax(1) == half.argmax(1)).float().mean() > 0.9
+
+
+def test_half_precision_overflow_is_recomputed_in_fp32(ckpts, monkeypatch):
+    model = build_lseg(str(ckpts["vit"][0]))
+    model.set_labels(LabelSet.from_names(["a", "b"]))
+    x = torch.randn(1, 3, 64, 64)
+    expected = model(x)
+    real = model.net.forward
+
+    def overflowing(images):
+        out = real(images)
+        return out.masked_fill(torch.zeros_like(out, dtype=torch.bool).index_fill_(1, torch.tensor([0]), True),
+                               float("inf")) if torch.is_autocast_enabled("cpu") else out
+
+    monkeypatch.setattr(model.net, "forward", overflowing)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(UserWarning, match="recomputed in fp32"):
+        out = model(x)
+    torch.testing.assert_close(out, expected)
 
 
 # -- the multi-scale protocol ---------------------------------------------------------------------------
@@ -363,6 +419,143 @@ def test_multiscale_with_lseg(ckpts):
     model.set_labels(LabelSet.from_names(["a", "b"]))
     out = multiscale_logits(model, torch.randn(3, 40, 60), scales=(0.5, 1.0), base_size=64, crop=64, stride=32)
     assert out.shape == (2, 40, 60) and torch.isfinite(out).all()
+
+
+# -- the default: the official single-scale evaluation (issue 15, item 20) ------------------------------
+def official_single_scale(net, text: torch.Tensor, rgb: np.ndarray, base_size: int = 520,
+                          crop_size: int = 480) -> torch.Tensor:
+    """Class scores (K, H, W) of an RGB photo as lang-seg's evaluation computes them with scales [1.0]
+    and no flip, restated step by step from its MultiEvalModule (resize_image, pad_image, the grid
+    of crops, crop_image) and LSeg.forward (normalised features, 1/0.07 * dot product with the
+    normalised text features, output_conv: bilinear x2, align_corners=True). ``text``: the text
+    features (K, D) of the labels (encode_text of the raw label strings, checked above)."""
+    mean, std = net.cfg.mean, net.cfg.std
+    image = (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255 - torch.tensor(mean)[:, None, None]) \
+        / torch.tensor(std)[:, None, None]  # ToTensor, Normalize
+    image = image[None]
+    text = text / text.norm(dim=-1, keepdim=True)
+
+    def evaluate(x):  # LSeg.forward
+        feats = net(x)
+        b, c, fh, fw = feats.shape
+        feats = feats.permute(0, 2, 3, 1).reshape(-1, c)
+        feats = feats / feats.norm(dim=-1, keepdim=True)
+        logits = (1 / 0.07) * feats @ text.t()
+        out = logits.view(b, fh, fw, -1).permute(0, 3, 1, 2)
+        return F.interpolate(out, scale_factor=2, mode="bilinear", align_corners=True)
+
+    def pad_image(img):  # per channel, with the normalised value of black
+        _, _, ih, iw = img.shape
+        padh, padw = max(crop_size - ih, 0), max(crop_size - iw, 0)
+        return torch.stack([F.pad(img[:, i], (0, padw, 0, padh), value=-mean[i] / std[i]) for i in range(3)], 1)
+
+    _, _, h, w = image.shape
+    stride = int(crop_size * 2.0 / 3.0)
+    long_size = int(math.ceil(base_size * 1.0))
+    if h > w:
+        height, width = long_size, int(1.0 * w * long_size / h + 0.5)
+        short_size = width
+    else:
+        width, height = long_size, int(1.0 * h * long_size / w + 0.5)
+        short_size = height
+    cur_img = F.interpolate(image, (height, width), mode="bilinear", align_corners=True)
+    if long_size <= crop_size:
+        outputs = evaluate(pad_image(cur_img))[:, :, :height, :width]
+    else:
+        pad_img = pad_image(cur_img) if short_size < crop_size else cur_img
+        _, _, ph, pw = pad_img.shape
+        h_grids = int(math.ceil(1.0 * (ph - crop_size) / stride)) + 1
+        w_grids = int(math.ceil(1.0 * (pw - crop_size) / stride)) + 1
+        outputs = torch.zeros(1, len(text), ph, pw)
+        count_norm = torch.zeros(1, 1, ph, pw)
+        for idh in range(h_grids):
+            for idw in range(w_grids):
+                h0, w0 = idh * stride, idw * stride
+                h1, w1 = min(h0 + crop_size, ph), min(w0 + crop_size, pw)
+                output = evaluate(pad_image(pad_img[:, :, h0:h1, w0:w1]))
+                outputs[:, :, h0:h1, w0:w1] += output[:, :, 0:h1 - h0, 0:w1 - w0]
+                count_norm[:, :, h0:h1, w0:w1] += 1
+        assert (count_norm > 0).all()
+        outputs = (outputs / count_norm)[:, :, :height, :width]
+    return F.interpolate(outputs, (h, w), mode="bilinear", align_corners=True)[0]
+
+
+def varied_text(net, rgb: np.ndarray) -> torch.Tensor:
+    """Six text embeddings that split this photo into regions. Random weights map every pixel to
+    nearly the same direction, so encoded label strings give one label everywhere, which no protocol
+    difference could change. These point along the main directions (both signs) in which the
+    photo's pixel embeddings vary, orthogonal to their mean, so each pixel's label depends on its
+    own embedding."""
+    with torch.no_grad():
+        x = (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
+        g = F.normalize(net(F.interpolate(x[None], size=(384, 512), mode="bilinear", align_corners=True)), dim=1)
+    g = g[0].flatten(1)
+    mean = F.normalize(g.mean(1), dim=0)
+    d = g - g.mean(1, keepdim=True)
+    u = torch.linalg.svd(d - mean[:, None] * (mean @ d), full_matrices=False).U[:, :3].T
+    u = F.normalize(u - (u @ mean)[:, None] * mean, dim=1)
+    return torch.cat([u, -u])
+
+
+# photos smaller than the crop: wider than tall (two windows across), taller than wide, square (two
+# by two windows); one wider than 910 px (the multi-scale path sums at most at 910 px, this one not)
+PARITY_SIZES = {"vit": [(192, 256), (256, 192), (192, 192), (300, 1000)], "resnet": [(192, 256)]}
+
+
+@pytest.mark.parametrize("variant", ["vit", "resnet"])
+def test_default_protocol_is_the_official_single_scale_evaluation(ckpts, variant):
+    from seglabel.predict import Predictor, Protocol
+
+    model = build_lseg(str(ckpts[variant][0]))
+    model.set_labels(LabelSet.from_names(["a", "b", "c", "d", "e", "f"]))
+    predictor = Predictor(model, Protocol())  # what annotate runs when no protocol flag is given
+    assert (predictor.protocol.tta, predictor.protocol.scales, predictor.protocol.flip) == (True, (1.0,), False)
+    rng = np.random.default_rng(1)
+    for h, w in PARITY_SIZES[variant]:
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        rgb[: h // 3] //= 3  # some structure: a dark band
+        model.text_embeddings = varied_text(model.net, rgb)
+        [pred] = predictor.predict([rgb])
+        with torch.no_grad():
+            scores = official_single_scale(model.net, model.text_embeddings, rgb)
+        official = scores.argmax(0).numpy()
+        assert (np.bincount(official.ravel()) > 0.01 * official.size).sum() >= 3  # labels a protocol can change
+        top2 = scores.topk(2, dim=0).values
+        clear = (top2[0] - top2[1] > 1e-4).numpy()  # pixels whose argmax float rounding cannot flip
+        assert clear.mean() > 0.98
+        np.testing.assert_array_equal(pred.labels[clear], official[clear])
+        np.testing.assert_allclose(pred.confidence, scores.softmax(0).max(0).values.numpy(), atol=1e-4)
+
+
+def test_protocol_flags_still_choose_seglabels_own_protocols(ckpts):
+    from seglabel.predict import Protocol, resolve_protocol
+
+    model = build_lseg(str(ckpts["vit"][0]))
+    official = resolve_protocol(Protocol(), model)
+    assert (official.tta, official.scales, official.flip) == (True, (1.0,), False)
+    assert resolve_protocol(Protocol(max_long_side=0), model).scales == (1.0,)  # the cap is still the user's
+    for given in (Protocol(short_side=300), Protocol(window=64), Protocol(pamr=True), Protocol(tta=True)):
+        assert resolve_protocol(given, model) == given
+    assert resolve_protocol(Protocol(), Identity()) == Protocol()  # models without one keep the default
+
+
+def test_annotate_records_the_protocol_it_ran_and_resumes(ckpts, tmp_path):
+    from seglabel.annotate import AnnotateConfig, annotate
+    from seglabel.images import find_images
+
+    model = build_lseg(str(ckpts["resnet"][0]))
+    labelset = LabelSet.from_names(["sky", "road"])
+    model.set_labels(labelset)
+    write_images(tmp_path / "photos", ["a.png"], size=(60, 90))
+    out = tmp_path / "out"
+    items = find_images([tmp_path / "photos"]).items
+    summary = annotate(items, model, labelset, AnnotateConfig(out=out), argv=[])
+    assert summary.labelled == 1 and not summary.failures
+    protocol = json.loads((out / "run.json").read_text())["settings"]["protocol"]
+    assert (protocol["tta"], protocol["scales"], protocol["flip"]) == (True, [1.0], False)
+    # the same command again resumes: the stored settings (JSON lists) equal the new ones (tuples)
+    again = annotate(items, model, labelset, AnnotateConfig(out=out), argv=[])
+    assert (again.labelled, again.skipped) == (0, 1)
 
 
 # -- the command line -----------------------------------------------------------------------------------

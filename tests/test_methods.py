@@ -378,7 +378,8 @@ def test_cli_method_pamr_and_paper_protocol(tmp_path, tiny_weights, small_labels
     settings = json.loads((out / "run.json").read_text())["settings"]
     assert settings["method"]["method"] == "naclip" and not settings["method"]["key_smoothing"]
     assert settings["protocol"] == {"short_side": 48, "max_long_side": 2048, "window": 224, "window_stride": 112,
-                                    "tta": False, "pamr": True}
+                                    "tta": False, "pamr": True, "scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75],
+                                    "flip": True}
     r = annotate([photos], out, small_labelset, tiny_weights, "tiny-vit", "--method", "sclip")
     assert r.returncode == 2 and "other settings" in r.stderr  # never mixed into one --out
     r = annotate([photos], tmp_path / "rn", small_labelset, tiny_weights, "tiny-rn", "--method", "scclip")

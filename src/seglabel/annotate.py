@@ -12,7 +12,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,7 +24,7 @@ from .images import DEFAULT_MAX_PIXELS, ImageError, ImageItem
 from .labelset import LabelSet, parse_labelset
 from .loader import Loaded, decode_device, default_workers, load_images
 from .models.base import Segmenter
-from .predict import Prediction, Predictor, Protocol, to_mask
+from .predict import Prediction, Predictor, Protocol, resolve_protocol, to_mask
 from .runs import RUNS, RunError, read_records, record_path, run_lock, unfinished_shards
 from .writers import (MASKS, OVERLAYS, PER_IMAGE, RECORDS, RUN_FILE, SCORES, BackgroundWriter, OutputError,
                       encode_mask_png, encode_overlay_jpg, encode_scores_png, image_record,
@@ -93,15 +93,16 @@ def plan(items: Sequence[ImageItem], out: Path, overwrite: bool = False) -> tupl
 
 
 def settings_of(labelset: LabelSet, segmenter: Segmenter, config: AnnotateConfig) -> dict[str, Any]:
-    """What decides the labels; a rerun into the same ``--out`` must have the same."""
-    return {
+    """What decides the labels; a rerun into the same ``--out`` must have the same. In the form the
+    records store (through JSON: tuples become lists), so that it compares equal to a stored one."""
+    return json.loads(json.dumps({
         "labelset": labelset.fingerprint(),
         "model": getattr(segmenter, "spec", type(segmenter).__name__),
         "weights": getattr(segmenter, "weights_info", {}).get("pretrained"),
         "method": segmenter.describe(),
         "protocol": asdict(config.protocol),
         "min_confidence": labelset.min_confidence if config.min_confidence is None else config.min_confidence,
-    }
+    }))
 
 
 def check_settings(out: Path, settings: dict[str, Any]) -> None:
@@ -124,6 +125,7 @@ def annotate(items: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSe
     A pipeline: loader processes decode and resize, the model runs on batches of equal-size
     inputs, writer threads encode and write; an image is done when its record is written."""
     out = Path(config.out)
+    config = replace(config, protocol=resolve_protocol(config.protocol, segmenter))  # LSeg: its own evaluation
     with run_lock(out, config.part):
         settings = settings_of(labelset, segmenter, config)
         check_settings(out, settings)

@@ -112,6 +112,8 @@ def annotate(
         if not inputs and not from_list:
             fail("give image files or folders, or --from-list")
         labelset = load_labelset(labels)
+        for warning in labelset.warnings:
+            typer.echo(f"seglabel: warning: {warning}", err=True)
         found = find_images(inputs or [], read_lines(from_list) if from_list else [], exclude=[out])
         shard_spec = parse_shard(shard)
         found.items = select_shard(found.items, shard_spec)
@@ -225,6 +227,8 @@ def labelsets_check(files: List[Path] = typer.Argument(..., help="Label set YAML
         try:
             ls = load_labelset(f)
             typer.echo(f"{f}: ok, {len(ls)} classes, {len(ls.prompts)} prompts")
+            for warning in ls.warnings:
+                typer.echo(f"seglabel: warning: {warning}", err=True)
         except LabelSetError as e:
             typer.echo(f"seglabel: error: {e}", err=True)
             bad += 1

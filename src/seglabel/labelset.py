@@ -14,14 +14,19 @@ A label set file looks like this (every key but ``classes`` is optional)::
       min_confidence: 0.0        # pixels whose top probability is lower are written as ignore
       classes: [other]           # predicted, but written as ignore
 
-Every error names the file, the line and the problem (``LabelSetError``).
+Every error names the file, the line and the problem (``LabelSetError``). Names, prompts and
+templates are one line of text: control characters (tab, line breaks, NUL, ...) are refused, since
+they would split a class over two lines of CVAT's labelmap.txt and shift every later class. Things
+that load but deserve a look (two classes sharing a prompt, a name CVAT's labelmap.txt cannot hold)
+are listed in ``LabelSet.warnings``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+import unicodedata
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +53,10 @@ _LINE_BREAKS = {c: c.encode("unicode_escape").decode("ascii")
                 for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
 _MAX_NODES = 200_000  # YAML nodes a label set may expand to (aliases can multiply them)
 _MAX_DEPTH = 50  # nesting; a label set needs 4
+# Bytes a label set file may hold, checked before parsing: the YAML parser is pure Python (about
+# 50,000 nodes a second on one core), so a 50 MB file would take minutes; the most classes a label
+# set may have (65,535) take about 1 MiB as bare names.
+MAX_FILE_BYTES = 4 << 20
 
 
 def _one_line(text: str) -> str:
@@ -73,6 +82,9 @@ class LabelSet:
     templates: tuple[str, ...] | None = None
     min_confidence: float = 0.0
     source: str = "<memory>"
+    # what loads but deserves a look, one line each (file:line: ...); not part of the label set's
+    # identity (equality, fingerprint)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -134,13 +146,25 @@ class LabelSet:
 def load_labelset(path: str | Path) -> LabelSet:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            # read one byte past the bound: a pipe or a growing file has no trustworthy size
+            raw = f.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise LabelSetError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise LabelSetError(f"{path}: cannot read: {e}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        try:
+            size = f"{path.stat().st_size / 2**20:.1f} MiB"
+        except OSError:
+            size = f"more than {MAX_FILE_BYTES >> 20} MiB"
+        raise LabelSetError(f"{path}: too large for a label set: {size} (at most {MAX_FILE_BYTES >> 20} MiB)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
         raise LabelSetError(f"{path}: cannot read: {e}") from None
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_CountingLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -148,11 +172,34 @@ def load_labelset(path: str | Path) -> LabelSet:
         raise LabelSetError(f"{where}: invalid YAML: {problem}") from None
     except RecursionError:
         raise LabelSetError(f"{path}: invalid YAML: nested too deeply") from None
+    except _TooManyNodes as e:
+        raise LabelSetError(f"{path}:{e.line}: too large (more than {_MAX_NODES} entries)") from None
     if root is None:
         raise LabelSetError(f"{path}:1: empty label set (it needs a 'classes' list)")
     lines: dict[tuple, int] = {}
     data = _plain(root, (), lines, str(path), [0], set())
     return parse_labelset(data, source=str(path), lines=lines)
+
+
+class _CountingLoader(yaml.SafeLoader):
+    """Stops composing once a document has more nodes than any label set can use, so a huge
+    flat list is refused after a few seconds of parsing instead of minutes."""
+
+    def compose_document(self):
+        self._nodes = 0
+        return super().compose_document()
+
+    def compose_node(self, parent, index):
+        self._nodes = getattr(self, "_nodes", 0) + 1
+        if self._nodes > _MAX_NODES:
+            raise _TooManyNodes(self.peek_event().start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+
+class _TooManyNodes(Exception):
+    def __init__(self, line: int) -> None:
+        super().__init__(line)
+        self.line = line
 
 
 def _plain(node: yaml.Node, at: tuple, lines: dict[tuple, int], source: str,
@@ -186,9 +233,30 @@ def _plain(node: yaml.Node, at: tuple, lines: dict[tuple, int], source: str,
 
 
 def _show(value: Any, limit: int = 60) -> str:
-    """A user-given value in a message: quoted, one line, not too long."""
-    text = f"'{value}'" if isinstance(value, str) else repr(value)
+    """A user-given value in a message: quoted, one line (control characters escaped), not too long."""
+    if isinstance(value, str):
+        text = "'" + "".join(_escaped(c) if _is_control(c) else c for c in value) + "'"
+    else:
+        text = repr(value)
     return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def _is_control(c: str) -> bool:
+    """Characters that break or hide a line of text: C0 and C1 controls (tab, line feed, NUL,
+    escape, ...), DEL, and Unicode's line and paragraph separators."""
+    return unicodedata.category(c) in ("Cc", "Zl", "Zp")
+
+
+def _escaped(c: str) -> str:
+    return c.encode("unicode_escape").decode("ascii")
+
+
+def _control(text: str) -> str | None:
+    """How the first control character of ``text`` is written (e.g. ``\\n``, ``U+0085``), or None."""
+    for c in text:
+        if _is_control(c):
+            return _escaped(c) if c in "\t\n\r" else f"U+{ord(c):04X}"
+    return None
 
 
 _SCALARS = yaml.SafeLoader("")  # only its constructors are used (safe types, no side effects)
@@ -215,13 +283,16 @@ def parse_labelset(data: Any, source: str = "<memory>", lines: dict[tuple, int] 
     """Validate plain data (as read from YAML) and build a ``LabelSet``."""
     lines = lines or {}
 
-    def fail(at: tuple, problem: str) -> None:
+    def where(at: tuple) -> str:
         line = None
         for n in range(len(at), -1, -1):  # nearest enclosing node that has a line
             line = lines.get(at[:n])
             if line is not None:
                 break
-        raise LabelSetError(f"{source}:{line}: {problem}" if line else f"{source}: {problem}")
+        return f"{source}:{line}" if line else source
+
+    def fail(at: tuple, problem: str) -> None:
+        raise LabelSetError(f"{where(at)}: {problem}")
 
     if not isinstance(data, dict):
         fail((), "a label set is a mapping with a 'classes' list")
@@ -231,6 +302,8 @@ def parse_labelset(data: Any, source: str = "<memory>", lines: dict[tuple, int] 
     name = data.get("name", Path(source).stem if source != "<memory>" else "labels")
     if not _text(name):
         fail(("name",), "'name' must be a non-empty string")
+    if bad := _control(name.strip()):
+        fail(("name",), f"'name' {_show(name)} holds a control character ({bad}); it must be one line of text")
     templates = _parse_templates(data.get("templates", "maskclip"), fail)
 
     raw_classes = data.get("classes")
@@ -255,8 +328,53 @@ def parse_labelset(data: Any, source: str = "<memory>", lines: dict[tuple, int] 
     min_conf, ignored = _parse_ignore(data.get("ignore") or {}, seen, fail)
     classes = [LabelClass(c.name, c.prompts, c.color, ignore=i in ignored, catch_all=c.catch_all)
                for i, c in enumerate(classes)]
+
+    def class_at(i: int) -> tuple:
+        return ("classes", i) if i < len(raw_classes) else ("catch_all",)
+
+    warnings = [_one_line(f"{where(at)}: {problem}") for at, problem in _warnings(classes, class_at)]
     return LabelSet(name=name.strip(), classes=tuple(classes), templates=templates,
-                    min_confidence=min_conf, source=source)
+                    min_confidence=min_conf, source=source, warnings=tuple(warnings))
+
+
+def _warnings(classes: list[LabelClass], class_at) -> list[tuple[tuple, str]]:
+    """(where, problem) of what loads but deserves a look, in class order."""
+    out = []
+    # Prompts the text encoders cannot tell apart (CLIP's tokenizer lower-cases and collapses
+    # whitespace) give two classes the same score; argmax then always picks the first one.
+    owners: dict[str, list[tuple[int, str]]] = {}
+    for i, c in enumerate(classes):
+        for p in c.prompts:
+            key = " ".join(p.split()).casefold()
+            if all(j != i for j, _ in owners.get(key, [])):
+                owners.setdefault(key, []).append((i, p))
+    for i, c in enumerate(classes):
+        problem = labelmap_problem(c.name)
+        if problem:
+            out.append((i, class_at(i), f"class {_show(c.name)}: {problem}; `seglabel export --format cvat` "
+                                        "will refuse this label set (the other exports take it)"))
+    for key, shared in owners.items():
+        if len(shared) < 2:
+            continue
+        names = [classes[i].name for i, _ in shared]
+        listed = ", ".join(_show(n) for n in names[:-1][:5]) + (" ..." if len(names) > 6 else "")
+        out.append((shared[1][0], class_at(shared[1][0]),
+                    f"classes {listed} and {_show(names[-1])} share the prompt {_show(shared[0][1])}: wherever "
+                    f"it scores highest they tie and {_show(names[0])}, listed first, gets the pixel; "
+                    "give each class prompts of its own"))
+    out.sort(key=lambda w: w[0])
+    return [(at, problem) for _, at, problem in out]
+
+
+def labelmap_problem(name: str) -> str | None:
+    """Why a class name cannot be a line of CVAT's labelmap.txt (``name:R,G,B:parts:actions``, read
+    by Datumaro: lines stripped, those starting with '#' skipped, the rest split at every ':'),
+    or None. A skipped line would shift every later class id by one."""
+    if ":" in name:
+        return "CVAT's labelmap.txt cannot hold a ':' in a name (it separates the fields)"
+    if name.startswith("#"):
+        return "CVAT's labelmap.txt reads a line starting with '#' as a comment"
+    return None
 
 
 def _parse_templates(raw: Any, fail) -> tuple[str, ...] | None:
@@ -269,6 +387,9 @@ def _parse_templates(raw: Any, fail) -> tuple[str, ...] | None:
     for i, t in enumerate(raw):
         if not isinstance(t, str) or "{}" not in t or not _text(t):
             fail(("templates", i), f"template {_show(t)} has no '{{}}' for the class prompt")
+        if bad := _control(t.strip()):
+            fail(("templates", i), f"template {_show(t)} holds a control character ({bad}); "
+                                   "a template must be one line of text")
     return tuple(raw)
 
 
@@ -283,6 +404,9 @@ def _parse_class(raw: Any, at: tuple, index: int, fail) -> LabelClass:
     name = raw.get("name")
     if not _text(name):
         fail(at + ("name",), "class 'name' must be a non-empty string")
+    if bad := _control(name.strip()):  # surrounding whitespace (a YAML block's last newline) is dropped
+        fail(at + ("name",), f"class {_show(name)}: the name holds a control character ({bad}); "
+                             "names and prompts must be one line of text")
     prompts = raw.get("prompts", [name])
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -291,6 +415,9 @@ def _parse_class(raw: Any, at: tuple, index: int, fail) -> LabelClass:
     for j, p in enumerate(prompts):
         if not _text(p):
             fail(at + ("prompts", j), f"class {_show(name)}: empty prompt")
+        if bad := _control(p.strip()):
+            fail(at + ("prompts", j), f"class {_show(name)}: prompt {_show(p)} holds a control character "
+                                      f"({bad}); names and prompts must be one line of text")
     color = _parse_color(raw.get("color"), at + ("color",), name, fail) if "color" in raw else default_color(index)
     return LabelClass(name=name.strip(), prompts=tuple(p.strip() for p in prompts), color=color)
 

@@ -6,7 +6,7 @@ map of a 4000-pixel-wide photo never needs (K, H, W) floats at once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -25,8 +25,22 @@ class Protocol:
     max_long_side: int = 2048  # ... unless the long side would exceed this
     window: int = 0  # sliding-window crop size in resized pixels; 0 = whole image
     window_stride: int = 0  # 0 = half the window
-    tta: bool = False  # LSeg's official multi-scale + flip + 480 sliding window (see tta.py)
+    tta: bool = False  # LSeg's official evaluation: scales of 520, flip, 480 sliding window (see tta.py)
     pamr: bool = False  # PAMR refinement of the logits upsampled to the resized image (refine.py)
+    scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # with tta: the official evaluation's
+    flip: bool = True  # with tta: the mirror image too; (1.0,) without flip is its single-scale protocol
+
+
+def resolve_protocol(protocol: Protocol, segmenter: Segmenter) -> Protocol:
+    """The protocol a run uses. A model with an evaluation protocol of its own (LSeg: the official
+    single-scale evaluation, ``Segmenter.default_protocol``) uses it in place of seglabel's
+    whole-image default, i.e. unless --short-side, --window, --tta or --pamr asked otherwise
+    (--max-long-side still caps huge photos first)."""
+    own = getattr(segmenter, "default_protocol", None)
+    default = Protocol()
+    if own and not (protocol.tta or protocol.window or protocol.pamr) and protocol.short_side == default.short_side:
+        return replace(protocol, **own)
+    return protocol
 
 
 @dataclass
@@ -56,10 +70,14 @@ def resized_size(height: int, width: int, protocol: Protocol) -> tuple[int, int]
     return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
-def bilinear_matrix(n_in: int, n_out: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(n_out, n_in) weights of 1-D bilinear resizing, align_corners=False, no antialias."""
+def bilinear_matrix(n_in: int, n_out: int, device: torch.device | str = "cpu",
+                    align_corners: bool = False) -> torch.Tensor:
+    """(n_out, n_in) weights of 1-D bilinear resizing, no antialias, as F.interpolate's."""
     dst = torch.arange(n_out, dtype=torch.float64, device=device)
-    src = ((dst + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    if align_corners:  # the first and last samples sit on the first and last input pixels
+        src = dst * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+    else:
+        src = ((dst + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
     i0 = src.floor().long().clamp_max(n_in - 1)
     i1 = (i0 + 1).clamp_max(n_in - 1)
     frac = src - i0
@@ -95,6 +113,7 @@ class Predictor:
     """Runs a segmenter on RGB images under a protocol and returns full-size labels."""
 
     def __init__(self, segmenter: Segmenter, protocol: Protocol = Protocol(), batch_size: int = 1) -> None:
+        protocol = resolve_protocol(protocol, segmenter)
         if protocol.pamr and protocol.tta:
             raise ValueError("PAMR refines a single-scale prediction: give --pamr or --tta, not both")
         if protocol.window and protocol.window % segmenter.pad_to:
@@ -120,6 +139,8 @@ class Predictor:
     def predict_prepared(self, prepared: Sequence[torch.Tensor], sizes: Sequence[Sequence[int]]) -> list[Prediction]:
         """Like ``predict`` for images already through ``prepare_image`` (e.g. in a loader
         process); ``sizes`` are the original (H, W). Not for the TTA protocol."""
+        if self.protocol.tta:
+            raise ValueError("this protocol resizes the photo per scale itself: give the pixels to predict()")
         prepared = [x.to(self.device, non_blocking=True) for x in prepared]
         if self.protocol.window:
             return [self._finish(*self._refine(self._slide(x), 1, x), x.shape[1:], size)
@@ -140,7 +161,7 @@ class Predictor:
         return out  # type: ignore[return-value]
 
     def _tta(self, rgb: np.ndarray) -> Prediction:
-        from .tta import multiscale_logits
+        from .tta import multiscale_logits, scale_logits
 
         h, w = rgb.shape[:2]
         x = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1).float().div_(255)
@@ -150,9 +171,13 @@ class Predictor:
             x = F.interpolate(x[None], size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
                               align_corners=False, antialias=True)[0]
         x = (x - self.mean) / self.std
+        scales, flip = self.protocol.scales, self.protocol.flip
+        if len(scales) == 1:  # logits at the scale's own size, upsampled to the photo as the official code does
+            logits = scale_logits(self.model, x, scales[0], flip=flip)
+            return self._finish(logits, 1, logits.shape[1:], (h, w), align_corners=True)
         k = min(1.0, 910 / max(x.shape[1:]))  # no scale exceeds ceil(520 * 1.75) px: bounds K*H*W memory
         size = (max(1, round(x.shape[1] * k)), max(1, round(x.shape[2] * k)))
-        logits = multiscale_logits(self.model, x, out_size=size)
+        logits = multiscale_logits(self.model, x, scales=scales, flip=flip, out_size=size)
         return self._finish(logits, 1, logits.shape[1:], (h, w))
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,19 +224,21 @@ class Predictor:
             up = F.interpolate(up, scale_factor=cell, mode="bilinear", align_corners=False)
         return pamr(x.float(), up[0, :, :x.shape[1], :x.shape[2]]), 1
 
-    def _finish(self, logits: torch.Tensor, cell: int, resized: Sequence[int], original: Sequence[int]) -> Prediction:
+    def _finish(self, logits: torch.Tensor, cell: int, resized: Sequence[int], original: Sequence[int],
+                align_corners: bool = False) -> Prediction:
         """Logits (K, h, w) whose cells are ``cell`` resized pixels -> labels at the original size:
-        upsampled to the (padded) resized image, cropped, resized to the original, then softmax."""
-        return _to_host([self._label_maps(logits, cell, resized, original)])[0]
+        upsampled to the (padded) resized image, cropped, resized to the original (``align_corners``:
+        as F.interpolate's), then softmax."""
+        return _to_host([self._label_maps(logits, cell, resized, original, align_corners)])[0]
 
     def _label_maps(self, logits: torch.Tensor, cell: int, resized: Sequence[int],
-                    original: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                    original: Sequence[int], align_corners: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``_finish`` up to the copy to the host: (labels, confidence) on the model's device.
         Labels are uint8 up to 256 classes: all that crosses to the host is 5 bytes a pixel."""
         (h, w), (rh, rw), (oh, ow) = logits.shape[1:], resized, original
         dev = logits.device
-        my = bilinear_matrix(rh, oh, dev) @ bilinear_matrix(h, h * cell, dev)[:rh]
-        mx = bilinear_matrix(rw, ow, dev) @ bilinear_matrix(w, w * cell, dev)[:rw]
+        my = bilinear_matrix(rh, oh, dev, align_corners) @ bilinear_matrix(h, h * cell, dev)[:rh]
+        mx = bilinear_matrix(rw, ow, dev, align_corners) @ bilinear_matrix(w, w * cell, dev)[:rw]
         k = logits.shape[0]
         cols = torch.einsum("khw,xw->khx", logits.float(), mx)  # (K, h, W0)
         band = max(1, (1 << 24) // max(1, k * ow))

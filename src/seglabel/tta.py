@@ -1,12 +1,15 @@
-"""The multi-scale + flip + sliding-window protocol of the official LSeg evaluation, for any segmenter.
+"""The official LSeg evaluation protocol (multi-scale, flip, sliding window) and its single-scale
+form, for any segmenter.
 
 As in lang-seg's MultiEvalModule (from PyTorch-Encoding): for each scale the long side becomes
-ceil(base_size * scale) (bilinear, align_corners=True); an image no larger than the crop is padded
-to crop x crop, a larger one is covered by crop-sized windows every ``stride`` pixels (the last
-windows are cut at the border and padded, not shifted); logits of the image and of its mirror image
-are summed, overlapping windows averaged, each scale resized back (bilinear, align_corners=True) and
-the scales summed. Padding is black: the normalised value of a 0 pixel, -mean/std per channel, as
-the official ``pad_image`` does (not 0 in normalised space, which would be mid-grey).
+ceil(base_size * scale) (bilinear, align_corners=True, no antialias); an image no larger than the
+crop is padded to crop x crop, a larger one is covered by crop-sized windows every ``stride``
+pixels (the last windows are cut at the border and padded, not shifted); logits of the image and
+of its mirror image are summed, overlapping windows averaged, each scale resized back (bilinear,
+align_corners=True) and the scales summed. Padding is black: the normalised value of a 0 pixel,
+-mean/std per channel, as the official ``pad_image`` does (not 0 in normalised space, which would
+be mid-grey). The single-scale evaluation of that code base is the same with scales [1.0] and no
+flip (PyTorch-Encoding's test scripts without --ms): long side 520, 480 windows, stride 320.
 """
 from __future__ import annotations
 
@@ -18,12 +21,14 @@ import torch.nn.functional as F
 
 from .models.base import Segmenter
 
+SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
 
 @torch.no_grad()
 def multiscale_logits(
     segmenter: Segmenter,
     image: torch.Tensor,
-    scales: Sequence[float] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
+    scales: Sequence[float] = SCALES,
     base_size: int = 520,
     crop: int = 480,
     stride: int = 320,
@@ -34,29 +39,37 @@ def multiscale_logits(
 
     ``out_size`` (default: the image's size) is where each scale's logits are resized to before
     summing; a smaller one bounds memory for large photos (K x H x W floats)."""
+    out_size = tuple(out_size or image.shape[1:])
+    total: torch.Tensor | None = None
+    for scale in scales:
+        out = scale_logits(segmenter, image, scale, base_size, crop, stride, flip)
+        score = F.interpolate(out[None], size=out_size, mode="bilinear", align_corners=True)[0]
+        total = score if total is None else total + score
+    return total
+
+
+@torch.no_grad()
+def scale_logits(segmenter: Segmenter, image: torch.Tensor, scale: float = 1.0, base_size: int = 520,
+                 crop: int = 480, stride: int = 320, flip: bool = False) -> torch.Tensor:
+    """Raw logits (K, h, w) of one scale at that scale's size: the long side ceil(base_size * scale).
+    With the defaults this is the official single-scale evaluation before its final upsampling."""
     if crop % segmenter.pad_to:
         raise ValueError(f"crop {crop} must be a multiple of {segmenter.pad_to} for this model")
     if stride <= 0:
         raise ValueError("stride must be positive")
     _, h, w = image.shape
-    out_size = tuple(out_size or (h, w))
     black = (-torch.tensor(segmenter.mean) / torch.tensor(segmenter.std)).to(image).view(1, 3, 1, 1)
-    x = image[None]
-    total: torch.Tensor | None = None
-    for scale in scales:
-        long_side = int(math.ceil(base_size * scale))
-        if h > w:
-            height, width = long_side, int(w * long_side / h + 0.5)
-        else:
-            height, width = int(h * long_side / w + 0.5), long_side
-        resized = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=True)
-        if long_side <= crop:
-            out = _infer(segmenter, _pad(resized, crop, black), flip)[:, :, :height, :width]
-        else:
-            out = _slide(segmenter, _pad(resized, crop, black), crop, stride, black, flip)[:, :, :height, :width]
-        score = F.interpolate(out, size=out_size, mode="bilinear", align_corners=True)
-        total = score if total is None else total + score
-    return total[0]
+    long_side = int(math.ceil(base_size * scale))
+    if h > w:
+        height, width = long_side, int(w * long_side / h + 0.5)
+    else:
+        height, width = int(h * long_side / w + 0.5), long_side
+    resized = F.interpolate(image[None], size=(height, width), mode="bilinear", align_corners=True)
+    if long_side <= crop:
+        out = _infer(segmenter, _pad(resized, crop, black), flip)
+    else:
+        out = _slide(segmenter, _pad(resized, crop, black), crop, stride, black, flip)
+    return out[0, :, :height, :width]
 
 
 def _slide(segmenter: Segmenter, img: torch.Tensor, crop: int, stride: int, black: torch.Tensor,

@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..labelset import labelmap_problem
 from ..writers import COCO_FILE, atomic_path, write_json
 from .run_output import OutputFolderError, RunOutput, encode_index_png
 
@@ -31,8 +32,9 @@ def labelmap(run: RunOutput) -> tuple[list[tuple[str, tuple[int, int, int]]], st
     """(name, colour) per label id, and the name given to ignored pixels (the last label)."""
     names = [c.name for c in run.labelset.classes]
     for name in names:
-        if ":" in name:
-            raise OutputFolderError(f"{run.out}: class name {name!r} has a ':', which CVAT's labelmap.txt cannot hold")
+        problem = labelmap_problem(name)
+        if problem:
+            raise OutputFolderError(f"{run.out}: class name {name!r}: {problem}")
     taken = {n.casefold() for n in names}
     ignore = next(n for n in ("ignore", "ignored", "void", "seglabel_ignore") if n not in taken)
     labels = []

@@ -20,6 +20,9 @@ class Segmenter(nn.Module):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     stride: int  # input pixels per output cell
+    # Protocol fields (seglabel.predict.Protocol) replacing seglabel's whole-image default for this
+    # model, e.g. its authors' own evaluation; None: the default suits it
+    default_protocol: dict[str, Any] | None = None
 
     @property
     def pad_to(self) -> int:

@@ -10,7 +10,6 @@ the size of the used weights rather than twice the file.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import re
 import warnings
 from pathlib import Path
@@ -148,17 +147,18 @@ def load_lseg_net(path: str | Path) -> tuple[LSegNet, dict[str, Any]]:
 
 class LSeg(Segmenter):
     """LSeg as a segmenter: 1/0.07-scaled cosines of pixel and label embeddings at half the
-    input resolution; label strings are encoded as they are (no prompt templates)."""
+    input resolution; label strings are encoded as they are (no prompt templates). By default
+    images go through the official single-scale evaluation (``default_protocol``)."""
 
     stride = 2
+    # The official single-scale evaluation (seglabel.tta): long side 520, 480 windows with stride 320,
+    # black padding, align_corners=True upsampling; instead of one whole-image pass at short side 512.
+    default_protocol = {"tta": True, "scales": (1.0,), "flip": False}
 
-    def __init__(self, net: LSegNet, precision: str = "auto") -> None:
+    def __init__(self, net: LSegNet) -> None:
         super().__init__()
-        if precision not in ("auto", "fp32", "fp16", "bf16"):
-            raise ValueError(f"precision must be auto, fp32, fp16 or bf16, not '{precision}'")
         self.net = net
         self.mean, self.std = net.cfg.mean, net.cfg.std
-        self.precision = precision
         self.text_embeddings: torch.Tensor | None = None
         self.prompt_class: list[int] = []
         self.num_classes = 0
@@ -180,23 +180,16 @@ class LSeg(Segmenter):
         self.prompt_class = labelset.prompt_class
         self.num_classes = len(labelset)
 
-    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
-        """Half precision on CUDA only (fp16 by default, as the official code ran); CPU stays fp32."""
-        if device.type != "cuda" or self.precision == "fp32":
-            return None
-        if self.precision == "bf16" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float16
-
     def pixel_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised pixel embeddings (B, D, H/2, W/2) in fp32."""
-        dtype = self.autocast_dtype(images.device)
-        ctx = torch.autocast("cuda", dtype=dtype) if dtype else contextlib.nullcontext()
-        with ctx:
-            feats = self.net(images)
-        if dtype and not torch.isfinite(feats).all():  # fp16 overflowed: this input needs fp32
+        """L2-normalised pixel embeddings (B, D, H/2, W/2) in fp32. The precision is the caller's:
+        under its autocast (``--precision fp16``) the network runs in half precision, else fp32."""
+        feats = self.net(images)
+        device = images.device.type
+        if torch.is_autocast_enabled(device) and not torch.isfinite(feats).all():
+            # half precision overflowed on this input: this one needs fp32
             warnings.warn("LSeg: half precision overflowed on this input; recomputed in fp32")
-            feats = self.net(images.float())
+            with torch.autocast(device, enabled=False):
+                feats = self.net(images.float())
         return F.normalize(feats.float(), dim=1)
 
     @torch.no_grad()
@@ -206,8 +199,9 @@ class LSeg(Segmenter):
         if images.shape[2] % 32 or images.shape[3] % 32:
             raise ValueError(f"LSeg needs image sides that are multiples of 32, got {tuple(images.shape[2:])}")
         feats = self.pixel_embeddings(images)
-        cos = torch.einsum("bdhw,kd->bkhw", feats, self.text_embeddings.to(feats))
-        return LOGIT_SCALE * class_max(cos, self.prompt_class, self.num_classes)
+        with torch.autocast(images.device.type, enabled=False):  # scores in fp32 whatever the network ran in
+            cos = torch.einsum("bdhw,kd->bkhw", feats, self.text_embeddings.to(feats))
+            return LOGIT_SCALE * class_max(cos, self.prompt_class, self.num_classes)
 
     @staticmethod
     def upsample_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -219,14 +213,13 @@ class LSeg(Segmenter):
         cfg = self.net.cfg
         return {"method": "lseg", "backbone": "ViT-L/16" if cfg.backbone == "vit" else "ResNet-101",
                 "config": cfg.to_dict(), "prompts": "label strings as they are (no templates)",
-                "logit_scale": LOGIT_SCALE, "precision": self.precision}
+                "logit_scale": LOGIT_SCALE}
 
 
-def build_lseg(path: str, device: str | torch.device = "cpu", cache_dir: str | None = None,
-               precision: str = "auto", **_: Any) -> Segmenter:
+def build_lseg(path: str, device: str | torch.device = "cpu") -> Segmenter:
     """``lseg:PATH``: an official (or user-trained) LSeg Lightning checkpoint; no network access."""
     net, info = load_lseg_net(path)
-    model = LSeg(net, precision=precision).to(device).eval()
+    model = LSeg(net).to(device).eval()
     model.weights_info = {"pretrained": str(path), "weights_file": str(path),
                           "variant": net.cfg.backbone, **info}
     return model

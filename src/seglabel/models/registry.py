@@ -1,10 +1,13 @@
 """Model specs -> segmenters. A spec is ``KIND:WHAT``, e.g. ``maskclip:ViT-B-16``.
 
 Each kind has one ``build_*`` function in ``SEGMENTERS``; ``load_segmenter`` parses the spec,
-builds the model and encodes the label set.
+checks the options, builds the model and encodes the label set. A builder's keyword parameters
+are the options its kind takes: any other option given a value is refused (one line naming the
+option and the kind) before anything is loaded, instead of being silently ignored.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -19,8 +22,7 @@ def build_maskclip(name: str, pretrained: str | None = "openai", cache_dir: str 
                    device: str | torch.device = "cpu", model_config: str | None = None,
                    method: str = "auto", logit_scale: float | None = None,
                    key_smoothing: bool | None = False, prompt_denoising: bool | None = False,
-                   proxy: str | None = None, proxy_weights: str | None = None, regions: str | None = None,
-                   **_: Any) -> Segmenter:
+                   proxy: str | None = None, proxy_weights: str | None = None, regions: str | None = None) -> Segmenter:
     """``method``: maskclip, clearclip, sclip, naclip or scclip (see models/trainingfree.py),
     proxyclip or corrclip (with a second vision model), or auto (the default, as in the CLI:
     ``DEFAULT_METHOD`` on ViT towers, maskclip on ResNet towers); ``logit_scale``: None for the
@@ -89,16 +91,20 @@ def _build_with_vfm(method: str, clip_model, tokenizer, logit_scale: float | Non
     return ProxyCLIP(clip_model, vfm, tokenizer=tokenizer, logit_scale=logit_scale)
 
 
-def build_student(path: str, **options: Any) -> Segmenter:
+def build_student(path: str, device: str | torch.device = "cpu", cache_dir: str | None = None,
+                  pretrained: str | None = None) -> Segmenter:
+    """``cache_dir`` and ``pretrained``: where the student's CLIP text encoder is found when a label
+    set other than the trained one is encoded (see models/deeplab.py)."""
     from .deeplab import build_student as build
 
-    return build(path, **options)
+    return build(path, device=device, cache_dir=cache_dir, pretrained=pretrained)
 
 
-def build_lseg(path: str, **options: Any) -> Segmenter:
+def build_lseg(path: str, device: str | torch.device = "cpu") -> Segmenter:
+    """Everything else is in the checkpoint; the precision is the caller's (autocast around it)."""
     from .lseg import build_lseg as build
 
-    return build(path, **options)
+    return build(path, device=device)
 
 
 SEGMENTERS: dict[str, Callable[..., Segmenter]] = {
@@ -117,9 +123,39 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return kind, what
 
 
+# Values that mean "not given": what the CLI and seglabel.ray pass for an option the user left
+# alone. Such an option is dropped for a kind that does not take it; any other value is refused.
+NOT_GIVEN: dict[str, tuple[Any, ...]] = {"method": (None, "auto"), "pretrained": (None, "openai")}
+
+
+def model_options(kind: str) -> list[str]:
+    """The options ``kind`` takes: its builder's keyword parameters."""
+    params = list(inspect.signature(SEGMENTERS[kind]).parameters.values())[1:]  # the first is WHAT
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def check_options(kind: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options ``kind`` takes; a value given for any other option is a ValueError (one line)."""
+    taken = model_options(kind)
+    out = {}
+    for name, value in options.items():
+        if name in taken:
+            out[name] = value
+        elif not any(value is v or (isinstance(value, str) and value == v) for v in NOT_GIVEN.get(name, (None,))):
+            flag = "--" + name.replace("_", "-")
+            others = [k for k in SEGMENTERS if name in model_options(k)]
+            if not others:
+                raise ValueError(f"unknown model option '{name}' ({kind} models take: {', '.join(taken)})")
+            raise ValueError(f"{flag} is not an option of {kind} models (it applies to "
+                             f"{' and '.join(others)} models); leave it out")
+    return out
+
+
 def load_segmenter(spec: str = DEFAULT_MODEL, labelset: LabelSet | None = None, **options: Any) -> Segmenter:
-    """Build the segmenter named by ``spec`` and, given a label set, encode its classes."""
+    """Build the segmenter named by ``spec`` and, given a label set, encode its classes. Options the
+    kind does not take are refused before anything is loaded (see ``check_options``)."""
     kind, what = parse_spec(spec)
+    options = check_options(kind, options)
     model = SEGMENTERS[kind](what, **options)
     model.spec = spec
     if labelset is not None:
