@@ -16,7 +16,8 @@ LABELS = ["sky", "grass", "road"]
 
 # A value to give each option; the test below fails if a builder grows an option missing here.
 SAMPLE_VALUES = {"method": "sclip", "logit_scale": 50.0, "key_smoothing": False, "prompt_denoising": True,
-                 "pretrained": "weights.bin", "model_config": "config.json", "cache_dir": "cache", "device": "cpu"}
+                 "pretrained": "weights.bin", "model_config": "config.json", "cache_dir": "cache", "device": "cpu",
+                 "proxy": "dino:vits8", "proxy_weights": "dino.pth", "regions": "slic"}
 ALL_OPTIONS = sorted({o for kind in SEGMENTERS for o in model_options(kind)})
 NOT_TAKEN = [(kind, option) for kind in SEGMENTERS for option in ALL_OPTIONS if option not in model_options(kind)]
 
@@ -52,7 +53,8 @@ def test_each_kind_builds_with_what_the_cli_passes_when_nothing_is_given(specs, 
     spec, needed = specs[kind]
     # annotate's flags at their defaults, as the CLI hands them to load_segmenter
     cli_defaults = {"pretrained": "openai", "cache_dir": None, "device": torch.device("cpu"), "model_config": None,
-                    "method": "auto", "logit_scale": None, "key_smoothing": None, "prompt_denoising": None}
+                    "method": "auto", "logit_scale": None, "key_smoothing": None, "prompt_denoising": None,
+                    "proxy": None, "proxy_weights": None, "regions": None}
     model = load_segmenter(spec, LabelSet.from_names(LABELS), **{**cli_defaults, **needed})
     assert model.spec == spec and model(torch.randn(1, 3, 64, 64)).shape[1] == len(LABELS)
 
