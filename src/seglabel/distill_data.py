@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .errors import UsageError
 from .images import ImageError, find_images, load_image
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """Training data that cannot be used; one line naming the folder or file and the problem."""
 
 
