@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -33,9 +33,9 @@ class Loaded:
 
 class _Images(torch.utils.data.Dataset):
     def __init__(self, items: Sequence[ImageItem], protocol: Protocol, mean, std, max_pixels: int,
-                 keep_rgb: bool) -> None:
+                 keep_rgb: bool, fits: Callable[[int, int], str | None] | None = None) -> None:
         self.items, self.protocol, self.max_pixels, self.keep_rgb = list(items), protocol, max_pixels, keep_rgb
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std, self.fits = tuple(mean), tuple(std), fits
 
     def __len__(self) -> int:
         return len(self.items)
@@ -43,7 +43,7 @@ class _Images(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Loaded:
         item = self.items[i]
         try:
-            rgb = load_image(item.path, self.max_pixels)
+            rgb = load_image(item.path, self.max_pixels, self.fits)
         except ImageError as e:
             return Loaded(item, error=e.reason, shown_path=e.path)
         size = (int(rgb.shape[0]), int(rgb.shape[1]))
@@ -64,11 +64,12 @@ def default_workers(device: torch.device) -> int:
 
 
 def load_images(items: Sequence[ImageItem], protocol: Protocol, mean, std, max_pixels: int,
-                keep_rgb: bool = False, workers: int = 0, pin_memory: bool = False,
-                prefetch: int = 4) -> Iterator[Loaded]:
+                keep_rgb: bool = False, workers: int = 0, pin_memory: bool = False, prefetch: int = 4,
+                fits: Callable[[int, int], str | None] | None = None) -> Iterator[Loaded]:
     """Yield a ``Loaded`` per item, in order; with ``workers`` > 0 up to ``workers * prefetch``
-    images are decoded ahead."""
-    dataset = _Images(items, protocol, mean, std, max_pixels, keep_rgb)
+    images are decoded ahead. ``fits(width, height)`` may refuse an image from its header
+    (``images.load_image``)."""
+    dataset = _Images(items, protocol, mean, std, max_pixels, keep_rgb, fits)
     if workers <= 0 or len(dataset) <= 1:
         yield from (dataset[i] for i in range(len(dataset)))
         return
