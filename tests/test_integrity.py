@@ -315,8 +315,10 @@ def test_images_too_big_for_the_memory_left_are_reported_not_crashed_on(tmp_path
     (["distill", "--images", "p", "--out", "r", "--iters", "0"], "--iters 0: "),
     (["export", "o", "--format"], "--format"),
     (["nope"], "nope"),
+    (["distill", "--images", ".", "--out", "afile"], "--out afile: exists and is not a folder"),
 ])
 def test_usage_errors_are_one_line_exit_2(tmp_path, args, words):
+    (tmp_path / "afile").write_text("not a folder")
     r = run(*args, cwd=tmp_path)
     assert r.returncode == 2 and words in one_error_line(r)
 

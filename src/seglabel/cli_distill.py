@@ -16,6 +16,7 @@ import typer
 from . import exitcodes
 from .cli_handler import guarded
 from .errors import UsageError
+from .writers import check_output_folder
 
 
 @guarded
@@ -58,6 +59,7 @@ def distill(
         raise UsageError("--val-images and --val-masks go together")
     if not math.isfinite(lr):
         raise UsageError(f"--lr {lr}: must be a finite number")
+    check_output_folder(out)
     cfg = DistillConfig(
         images=str(images), out=str(out), pseudo=str(pseudo) if pseudo else None,
         labels=str(labels) if labels else None, teacher=teacher, clip=clip, pretrained=pretrained,

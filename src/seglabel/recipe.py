@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,6 +25,7 @@ from .models.base import Segmenter
 from .models.registry import DEFAULT_MODEL, load_segmenter, parse_spec
 from .predict import Protocol, check_protocol, check_protocol_options, resolve_device
 from .runs import check_settings, model_identity
+from .writers import check_output_folder
 
 PROTOCOL_FIELDS = ("short_side", "max_long_side", "window", "window_stride")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -123,19 +123,6 @@ def dry_run(recipe: Recipe, items: Sequence[ImageItem], checked: Checked | None 
         except ImageError as e:
             problems.append(e)
     return DryRun(readable, done, problems)
-
-
-def check_output_folder(out: Path) -> None:
-    """``out`` is, or can be made as, a folder this process may write in."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a folder")
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"--out {out}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out}: no permission to write in {existing}")
 
 
 def _check_options(recipe: Recipe) -> None:

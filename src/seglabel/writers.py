@@ -75,6 +75,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def check_output_folder(out: str | Path) -> None:
+    """``out`` is, or can be made as, a folder this process may write in (checked before a
+    command writes anything)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: no permission to write in {existing}")
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
