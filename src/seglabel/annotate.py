@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -192,8 +192,7 @@ def _label(todo: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSet, 
         loaded = load_images(todo, config.protocol, segmenter.mean, segmenter.std, config.max_pixels,
                              keep_rgb=config.overlay, workers=workers, pin_memory=device.type == "cuda", fits=memory)
         try:
-            for ld in loaded:
-                stop.raise_if_stopped()
+            for ld in _until_stopped(loaded, stop):
                 if ld.error is not None:
                     failed(ld, ld.error)
                     continue
@@ -218,6 +217,19 @@ def _label(todo: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSet, 
             raise
         finally:
             writer.close()
+            loaded.close()  # loader processes shut down now, not at interpreter exit
+
+
+def _until_stopped(loaded: Iterator[Loaded], stop) -> Iterator[Loaded]:
+    """The loaded images until a held signal asks to stop. A loader process that the same signal
+    ended (SIGTERM reaches every process of a Slurm job) fails the fetch: that is the stop too."""
+    try:
+        for ld in loaded:
+            stop.raise_if_stopped()
+            yield ld
+    except RuntimeError:
+        stop.raise_if_stopped()
+        raise
 
 
 def _owned_by(out: Path, items: Sequence[ImageItem]) -> Callable[[Path], bool]:

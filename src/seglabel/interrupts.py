@@ -8,6 +8,7 @@ lands between writing a record and counting it; a second Ctrl-C stops at once.
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -17,7 +18,13 @@ from .errors import Terminated
 
 
 def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
+    if os.getpid() == _installed_by[0]:
+        raise Terminated()
+    # A forked child (a data loader process) inherits this handler: it ignores the signal and is
+    # shut down by its parent, which is stopping in order.
+
+
+_installed_by = [0]
 
 
 def _main_thread() -> bool:
@@ -27,7 +34,22 @@ def _main_thread() -> bool:
 def terminate_like_ctrl_c() -> None:
     """SIGTERM raises ``Terminated`` in the main thread (where the default would kill the process)."""
     if _main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        _installed_by[0] = os.getpid()
         signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def leave_signals_to_parent(worker_id: int | None = None) -> None:
+    """For a data loader process (a ``worker_init_fn``): Ctrl-C sent to the whole process group
+    (a terminal) is for the parent, which finishes in order and then shuts its loaders down; on
+    SIGTERM (Slurm signals every process of a job) the loader ends quietly, with status 0.
+    PyTorch's own SIGTERM handler would end it "killed by signal", and its parent would fail
+    with that error, at any point of its own orderly stop, instead of stopping."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_quietly)
+
+
+def _exit_quietly(signum, frame) -> None:
+    os._exit(0)
 
 
 class _Stop:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .images import ImageError, ImageItem, load_image
+from .interrupts import leave_signals_to_parent
 from .predict import Protocol, prepare_image
 
 
@@ -75,7 +76,8 @@ def load_images(items: Sequence[ImageItem], protocol: Protocol, mean, std, max_p
         return
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=min(workers, len(dataset)),
-        collate_fn=_identity, pin_memory=pin_memory, prefetch_factor=prefetch)
+        collate_fn=_identity, pin_memory=pin_memory, prefetch_factor=prefetch,
+        worker_init_fn=leave_signals_to_parent)
     yield from loader
 
 
