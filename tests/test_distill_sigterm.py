@@ -8,12 +8,15 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from test_distill_kill import distill_args, iteration_of, read_log  # noqa: F401 - distill_args is a fixture
 from test_runs import wait_for
 
 ITERS = 20
 
 
+@pytest.mark.slow
 def test_sigterm_saves_last_pt_and_the_rerun_resumes(tmp_path, distill_args):  # noqa: F811
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "seglabel", *distill_args(out, iters=ITERS), "--save-every", "1000",

@@ -284,6 +284,7 @@ def limited(tmp_path: Path, headroom: int, *args: str):
                           env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_images_too_big_for_the_memory_left_are_reported_not_crashed_on(tmp_path, tiny_weights, small_labelset):
     photos = tmp_path / "photos"
     write_images(photos, ["small.jpg"])

@@ -181,6 +181,7 @@ def test_ctrl_c_finishes_in_flight_images_and_exits_130(tmp_path, small_labelset
     check_finished_in_flight_and_resumes(out, argv)
 
 
+@pytest.mark.slow
 def test_sigterm_is_handled_like_ctrl_c_and_exits_143(tmp_path, small_labelset, tiny_weights):
     out, argv, code, err = stop_mid_run(tmp_path, small_labelset, tiny_weights, signal.SIGTERM)
     assert code == 143, err
