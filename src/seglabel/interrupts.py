@@ -68,8 +68,6 @@ class _Stop:
 
 
 class _NeverStopped:
-    pending = None
-
     def raise_if_stopped(self) -> None:
         pass
 
