@@ -16,11 +16,13 @@ REPO = Path(__file__).parent.parent
 
 @pytest.fixture(scope="session", autouse=True)
 def text_cache(tmp_path_factory) -> Path:
-    """Every test run (and the CLI it starts) caches text embeddings in its own folder."""
+    """Every test run (and the CLI it starts) caches text embeddings and weight hashes in its own
+    folders."""
     import os
 
     folder = tmp_path_factory.mktemp("text-cache")
     os.environ["SEGLABEL_TEXT_CACHE"] = str(folder)
+    os.environ["SEGLABEL_CACHE"] = str(tmp_path_factory.mktemp("seglabel-cache"))
     return folder
 
 

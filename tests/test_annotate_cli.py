@@ -14,16 +14,17 @@ from PIL import Image
 from conftest import TINY_CONFIGS, write_images
 
 
-def run(*args: str, cwd: Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def run(*args: str, cwd: Path | None = None, stdin: str | None = None, env: dict | None = None,
+        preexec_fn=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "seglabel", *args], capture_output=True, text=True,
-                          cwd=cwd, input=stdin, env=env, timeout=300)
+                          cwd=cwd, input=stdin, env=env, timeout=600, preexec_fn=preexec_fn)
 
 
-def annotate(photos, out, labels, weights, name="tiny-vit", *extra):
+def annotate(photos, out, labels, weights, name="tiny-vit", *extra, **options):
     return run("annotate", *map(str, photos), "--labels", str(labels), "--out", str(out),
                "--model", f"maskclip:{name}", "--model-config", str(TINY_CONFIGS[name]),
-               "--pretrained", str(weights[name]), "--short-side", "64", *extra)
+               "--pretrained", str(weights[name]), "--short-side", "64", *extra, **options)
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -129,7 +130,8 @@ def test_colliding_outputs_and_from_list(tmp_path, tiny_weights, small_labelset)
     out = tmp_path / "labels"
     r = run("annotate", "--from-list", "-", "--labels", str(small_labelset), "--out", str(out),
             "--model", "maskclip:tiny-vit", "--model-config", str(TINY_CONFIGS["tiny-vit"]),
-            "--pretrained", str(tiny_weights["tiny-vit"]), "--short-side", "64", "--json", stdin=listing)
+            "--pretrained", str(tiny_weights["tiny-vit"]), "--short-side", "64", "--json", "--root", str(photos),
+            stdin=listing)
     assert r.returncode == 3, r.stderr
     summary = json.loads(r.stdout)
     reasons = {Path(f["path"]).name: f["reason"] for f in summary["failures"]}

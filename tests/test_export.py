@@ -19,6 +19,7 @@ from seglabel.exports.brush_rle import encode, encode_mask
 from seglabel.labelset import parse_labelset
 from seglabel.writers import (MASKS, RECORDS, RUN_FILE, encode_mask_png, image_record, write_bytes, write_coco,
                               write_json)
+from conftest import write_images
 from test_annotate_cli import annotate, run
 
 STREET = {"name": "street", "templates": "none",
@@ -51,7 +52,7 @@ def make_output(root: Path, masks: dict[str, np.ndarray], labelset: dict = STREE
         record = image_record(rel, mask, np.full(mask.shape, conf, dtype=np.float32), ls)
         write_json(out / RECORDS / f"{key}.json", record)
     write_json(out / RUN_FILE, {"argv": ["seglabel", "annotate", str(root / "photos"), "--labels", "x.yaml",
-                                         "--out", str(out)],
+                                         "--out", str(out)], "input_roots": [str(root / "photos")],
                                 "model": "maskclip:test", "labelset": ls.to_dict(), "labelset_source": "x.yaml"})
     write_coco(out, ls)
     return out
@@ -416,24 +417,26 @@ def test_fiftyone_export_finds_moved_photos_with_images_flag(tmp_path):
     assert data["sub/b.jpg"] == str(tmp_path / "moved" / "sub" / "b.jpg")
 
 
-def test_photos_are_found_from_the_recorded_command_line(tmp_path):
-    """run.json's argv and cwd: folders, single files and --from-list lists, relative paths."""
+def test_photos_are_found_where_annotate_recorded_them(tmp_path, tiny_weights, small_labelset):
+    """run.json's input_roots, written by annotate whatever its flags (here --pamr, which the
+    argv parsing of earlier versions took for an option with a value), a folder and a list."""
     from seglabel.exports.run_output import read_output
 
-    out = make_output(tmp_path, street_masks())
-    (tmp_path / "list.txt").write_text("photos/a.jpg\nphotos/sub/b.jpg\n")
+    photos, more = tmp_path / "photos", tmp_path / "more"
+    write_images(photos, ["a.jpg", "sub/b.jpg"], size=(30, 40))
+    write_images(more, ["c.jpg"], size=(30, 40))
+    out = tmp_path / "labels"
+    r = annotate([photos], out, small_labelset, tiny_weights, "tiny-vit", "--pamr", "--from-list", "-",
+                 stdin=f"# more photos\n{more / 'c.jpg'}\n")
+    assert r.returncode == 0, r.stderr
+    images = read_output(out).images
+    assert images.find("a.jpg") == photos / "a.jpg" and images.find("sub/b.jpg") == photos / "sub" / "b.jpg"
+    assert images.find(str(more / "c.jpg").lstrip("/")) == more / "c.jpg"  # a listed file mirrors its path
+    r = run("export", str(out), "--format", "labelstudio")
+    assert r.returncode == 0 and "not found" not in r.stderr, r.stderr
+
     record = json.loads((out / "run.json").read_text())
-
-    def finder(*argv: str):
-        record.update(argv=["/usr/bin/seglabel", "annotate", *argv], cwd=str(tmp_path))
-        (out / "run.json").write_text(json.dumps(record))
-        return read_output(out).images
-
-    photos = tmp_path / "photos"
-    for argv in (["--overlay", "--from-list", "list.txt", "-l", "x.yaml", "-o", "labels"],
-                 ["-q", "photos", "--labels=x.yaml", "--out", "labels"]):
-        images = finder(*argv)
-        assert (images.find("a.jpg"), images.find("sub/b.jpg")) == (photos / "a.jpg", photos / "sub" / "b.jpg"), argv
-    images = finder("photos/a.jpg", "photos/sub/b.jpg", "--model", "maskclip:x")  # files: recorded by name
-    assert (images.find("a.jpg"), images.find("b.jpg")) == (photos / "a.jpg", photos / "sub" / "b.jpg")
-    assert finder("elsewhere", "--labels", "photos").find("a.jpg") is None  # an option's value is no input
+    del record["input_roots"]  # an output of an earlier version: the photos need --images
+    (out / "run.json").write_text(json.dumps(record))
+    assert read_output(out).images.find("a.jpg") is None
+    assert read_output(out, [photos]).images.find("a.jpg") == photos / "a.jpg"

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from seglabel.errors import UsageError
 from seglabel.images import ImageError, find_images, load_image
 
 
@@ -72,7 +73,7 @@ def test_find_images_sorted_relative_and_excluding_output(tmp_path):
     found = find_images([tmp_path], exclude=[tmp_path / "out"])
     assert [i.rel for i in found.items] == ["a.JPG", "b/1.jpeg", "b/2.png", "b/c/3.tif"]
     assert [i.key for i in found.items] == ["a", "b/1", "b/2", "b/c/3"]
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UsageError, match="no such file or folder"):
         find_images([tmp_path / "missing"])
 
 

@@ -103,17 +103,23 @@ def test_out_of_memory_halves_the_batch_and_retries(tmp_path, setup, monkeypatch
     assert "batch size halved to 4" in err and "batch size halved to 2" in err
 
 
-def test_out_of_memory_at_batch_one_is_an_error(tmp_path, setup, monkeypatch):
+def test_out_of_memory_at_batch_one_fails_only_the_images_that_do_not_fit(tmp_path, setup, monkeypatch):
     items, model, labelset = setup
+    forward = type(model).forward
 
-    def no_memory(self, x):
-        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    def no_memory_for_wide_inputs(self, x):  # the CPU allocator's error, for the widest images only
+        if x.shape[-1] > 200:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+        return forward(self, x)
 
-    monkeypatch.setattr(type(model), "forward", no_memory)
-    with pytest.raises(torch.OutOfMemoryError):
-        annotate(items, model, labelset, AnnotateConfig(out=tmp_path / "out", protocol=Protocol(short_side=64)),
-                 argv=[])
-    assert not list((tmp_path / "out").rglob("masks/*.png"))
+    write_images(tmp_path / "wide", ["w.jpg"], size=(40, 200))
+    wide = find_images([tmp_path / "wide"]).items
+    monkeypatch.setattr(type(model), "forward", no_memory_for_wide_inputs)
+    summary = annotate(items[:2] + wide, model, labelset,
+                       AnnotateConfig(out=tmp_path / "out", batch_size=4, protocol=Protocol(short_side=64)), argv=[])
+    assert summary.labelled == 2 and [Path(p).name for p, _ in summary.failures] == ["w.jpg"]
+    assert "not enough memory to label it at these settings" in summary.failures[0][1]
+    assert sorted(p.name for p in (tmp_path / "out").rglob("masks/*.png")) == sorted(f"{i.key}.png" for i in items[:2])
 
 
 def test_bf16_autocast_labels_on_cpu(tmp_path, setup):

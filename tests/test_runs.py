@@ -128,19 +128,40 @@ def test_sigkill_at_random_points_then_rerun_gives_identical_outputs(tmp_path, s
     assert coco_content(killed / "coco.json") == coco_content(reference / "coco.json")
 
 
-def test_ctrl_c_finishes_in_flight_images_and_exits_130(tmp_path, small_labelset, tiny_weights):
+def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 600) -> None:
+    """Poll for observable progress of ``proc`` (files, log lines), never a fixed sleep: a loaded
+    machine may take minutes to start a run."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} within {timeout} s")
+        time.sleep(0.05)
+
+
+def stop_mid_run(tmp_path, small_labelset, tiny_weights, signum: int) -> tuple[Path, list[str], int, str]:
+    """150 images with a loader process; ``signum`` to the whole process group (as a terminal's
+    Ctrl-C, or Slurm's preemption) once three images are done. Returns (out, argv, exit code, stderr)."""
     photos = tmp_path / "photos"
     write_images(photos, [f"{i:03d}.png" for i in range(150)], size=(72, 96))
     out = tmp_path / "out"
     argv = annotate_argv(photos, out, small_labelset, tiny_weights)[:-1] + ["--workers", "1"]  # summary on stderr
-    proc = subprocess.Popen(argv, start_new_session=True, stderr=subprocess.PIPE, text=True)
-    start = time.monotonic()
-    while len(list((out / "records").glob("*.json"))) < 3 and time.monotonic() - start < 120:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "(interrupted)" in err and "labelled" in err
+    with open(tmp_path / "stderr.txt", "w+") as err:
+        proc = subprocess.Popen(argv, start_new_session=True, stderr=err)
+        try:
+            wait_for(lambda: len(list((out / "records").glob("*.json"))) >= 3, proc, "three labelled images")
+            os.killpg(proc.pid, signum)
+            proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        err.seek(0)
+        return out, argv, proc.returncode, err.read()
+
+
+def check_finished_in_flight_and_resumes(out: Path, argv: list[str]) -> None:
     records = {p.stem for p in (out / "records").glob("*.json")}
     masks = {p.stem for p in (out / "masks").glob("*.png")}
     assert 3 <= len(records) < 150 and records <= masks  # every recorded image has its mask
@@ -148,9 +169,24 @@ def test_ctrl_c_finishes_in_flight_images_and_exits_130(tmp_path, small_labelset
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "interrupted" and run["summary"]["labelled"] == len(records)
     assert len(json.loads((out / "coco.json").read_text())["images"]) == len(records)
-    r = subprocess.run(argv + ["--json"], capture_output=True, text=True)  # the rerun resumes
+    r = subprocess.run(argv + ["--json"], capture_output=True, text=True, timeout=600)  # the rerun resumes
     summary = json.loads(r.stdout)
     assert r.returncode == 0 and summary["skipped"] == len(records) and summary["labelled"] == 150 - len(records)
+
+
+def test_ctrl_c_finishes_in_flight_images_and_exits_130(tmp_path, small_labelset, tiny_weights):
+    out, argv, code, err = stop_mid_run(tmp_path, small_labelset, tiny_weights, signal.SIGINT)
+    assert code == 130, err
+    assert "(interrupted; run the same command to finish)" in err and "labelled" in err
+    check_finished_in_flight_and_resumes(out, argv)
+
+
+@pytest.mark.slow
+def test_sigterm_is_handled_like_ctrl_c_and_exits_143(tmp_path, small_labelset, tiny_weights):
+    out, argv, code, err = stop_mid_run(tmp_path, small_labelset, tiny_weights, signal.SIGTERM)
+    assert code == 143, err
+    assert "(interrupted by SIGTERM; run the same command to finish)" in err
+    check_finished_in_flight_and_resumes(out, argv)
 
 
 # -- write errors -----------------------------------------------------------------------------------

@@ -1,13 +1,13 @@
 """The labelling pipeline: inputs -> batches -> segmenter -> writers, resumable.
 
-An image is done when its record exists (written last, atomically), so a rerun of the same
-command skips what is done and labels the rest; ``overwrite`` relabels everything.
+An image is done when its record exists (written last, atomically) beside every other output
+the command asks for, so a rerun of the same command skips what is done and labels the rest
+(a rerun that adds ``--overlay`` relabels what lacks one); ``overwrite`` relabels everything.
+Nothing is written before every check passed: a refused run leaves ``out`` as it was.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import platform
 import sys
@@ -15,24 +15,27 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from . import __version__, exitcodes
+from .errors import interrupt_exit_code
 from .images import DEFAULT_MAX_PIXELS, ImageError, ImageItem
+from .interrupts import held
 from .labelset import LabelSet, parse_labelset
 from .loader import Loaded, decode_device, default_workers, load_images
+from .memory import MemoryCheck
 from .models.base import Segmenter
-from .predict import Prediction, Predictor, Protocol, resolve_protocol, to_mask
-from .runs import RUNS, RunError, read_records, record_path, run_lock, unfinished_shards
+from .predict import Prediction, Predictor, Protocol, check_protocol, resolve_protocol, to_mask
+from .runs import (RUNS, RunError, SettingsMismatch, check_settings, model_identity, read_records, record_path,
+                   run_lock, settings_id, unfinished_shards)
 from .writers import (MASKS, OVERLAYS, PER_IMAGE, RECORDS, RUN_FILE, SCORES, BackgroundWriter, OutputError,
                       encode_mask_png, encode_overlay_jpg, encode_scores_png, image_record,
                       remove_stale_temporaries, write_bytes, write_coco, write_json)
 
-
-class SettingsMismatch(ValueError):
-    """``--out`` holds labels made with other settings; mixing them would corrupt the set."""
+__all__ = ["AnnotateConfig", "SettingsMismatch", "Summary", "annotate", "merge", "outputs_of", "plan", "settings_of"]
 
 
 @dataclass
@@ -63,11 +66,12 @@ class Summary:
     failures: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     interrupted: bool = False
+    interrupt_code: int | None = None  # 130 after Ctrl-C, 143 after SIGTERM
 
     @property
     def exit_code(self) -> int:
         if self.interrupted:
-            return exitcodes.INTERRUPTED
+            return self.interrupt_code or exitcodes.INTERRUPTED
         return exitcodes.FAILURES if self.failures else exitcodes.OK
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,42 +82,37 @@ class Summary:
         return d
 
 
-def is_done(out: Path, item: ImageItem) -> bool:
-    return (out / RECORDS / f"{item.key}.json").is_file() and (out / MASKS / f"{item.key}.png").is_file()
+def outputs_of(out: Path, item: ImageItem, config: AnnotateConfig) -> list[Path]:
+    """Every file an image gets from this command; its record, written last, comes last."""
+    paths = [out / MASKS / f"{item.key}.png"]
+    if config.save_scores:
+        paths.append(out / SCORES / f"{item.key}.png")
+    if config.overlay:
+        paths.append(out / OVERLAYS / f"{item.key}.jpg")
+    return paths + [out / RECORDS / f"{item.key}.json"]
 
 
-def plan(items: Sequence[ImageItem], out: Path, overwrite: bool = False) -> tuple[list[ImageItem], list[ImageItem]]:
-    """Split inputs into (to label, already done)."""
-    if overwrite:
+def plan(items: Sequence[ImageItem], config: AnnotateConfig) -> tuple[list[ImageItem], list[ImageItem]]:
+    """Split inputs into (to label, already done): done when every output asked for exists."""
+    if config.overwrite:
         return list(items), []
+    out = Path(config.out)
     todo, done = [], []
     for item in items:
-        (done if is_done(out, item) else todo).append(item)
+        (done if all(p.is_file() for p in outputs_of(out, item, config)) else todo).append(item)
     return todo, done
 
 
 def settings_of(labelset: LabelSet, segmenter: Segmenter, config: AnnotateConfig) -> dict[str, Any]:
-    """What decides the labels; a rerun into the same ``--out`` must have the same. In the form the
-    records store (through JSON: tuples become lists), so that it compares equal to a stored one."""
-    return json.loads(json.dumps({
+    """What decides the labels; a rerun into the same ``--out`` must have the same."""
+    return {
         "labelset": labelset.fingerprint(),
-        "model": getattr(segmenter, "spec", type(segmenter).__name__),
-        "weights": getattr(segmenter, "weights_info", {}).get("pretrained"),
+        **model_identity(getattr(segmenter, "spec", type(segmenter).__name__),
+                         getattr(segmenter, "weights_info", {}).get("pretrained")),
         "method": segmenter.describe(),
         "protocol": asdict(config.protocol),
         "min_confidence": labelset.min_confidence if config.min_confidence is None else config.min_confidence,
-    }))
-
-
-def check_settings(out: Path, settings: dict[str, Any]) -> None:
-    """Refuse to mix labels made with other settings into ``out`` (whole runs and shards alike)."""
-    for _, record in read_records(out):
-        previous = record.get("settings")
-        if previous and previous != settings:
-            changed = sorted(k for k in settings if previous.get(k) != settings[k])
-            raise SettingsMismatch(
-                f"{out}: holds labels made with other settings (changed: {', '.join(changed)}); "
-                f"use another --out, or delete {out} to start over")
+    }
 
 
 def annotate(items: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSet, config: AnnotateConfig,
@@ -123,26 +122,31 @@ def annotate(items: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSe
     called after each image (error None on success) for progress reporting.
 
     A pipeline: loader processes decode and resize, the model runs on batches of equal-size
-    inputs, writer threads encode and write; an image is done when its record is written."""
+    inputs, writer threads encode and write; an image is done when its record is written (last,
+    after its other outputs). Nothing is written before the protocol and settings checks pass."""
     out = Path(config.out)
     config = replace(config, protocol=resolve_protocol(config.protocol, segmenter))  # LSeg: its own evaluation
+    check_protocol(config.protocol, segmenter)  # before anything is written
+    settings = settings_of(labelset, segmenter, config)
     with run_lock(out, config.part):
-        settings = settings_of(labelset, segmenter, config)
         check_settings(out, settings)
         if config.cleanup:
             remove_stale_temporaries(out, None if config.part is None else _owned_by(out, items))
-        todo, done = plan(items, out, config.overwrite)
+        todo, done = plan(items, config)
         summary = Summary(out=str(out), total=len(items) + len(problems), skipped=len(done))
         summary.failures.extend((p.path, p.reason) for p in problems)
-        record = _run_record(labelset, segmenter, config, settings, argv)
+        previous = next((r for part, r in read_records(out) if part == config.part), {})
+        roots = {r for r in previous.get("input_roots") or [] if isinstance(r, str)} | {item.root for item in items}
+        record = _run_record(labelset, segmenter, config, settings, argv, sorted(roots))
         write_json(record_path(out, config.part), {**record, "status": "running"})
         start = time.perf_counter()
         status = "failed"
         try:
-            _label(todo, segmenter, labelset, config, summary, on_image or (lambda item, error: None))
+            _label(todo, segmenter, labelset, config, settings_id(settings), summary,
+                   on_image or (lambda item, error: None))
             status = "done"
-        except KeyboardInterrupt:
-            summary.interrupted, status = True, "interrupted"
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: what was in flight is written
+            summary.interrupted, summary.interrupt_code, status = True, interrupt_exit_code(e), "interrupted"
         finally:
             summary.seconds = time.perf_counter() - start
             _finish_run(out, labelset, config, record, status, summary)
@@ -150,7 +154,7 @@ def annotate(items: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSe
 
 
 def _label(todo: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSet, config: AnnotateConfig,
-           summary: Summary, on_image: Callable[[ImageItem, str | None], None]) -> None:
+           settings: str, summary: Summary, on_image: Callable[[ImageItem, str | None], None]) -> None:
     device = segmenter.device
     if device.type == "cuda":
         segmenter.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
@@ -158,9 +162,7 @@ def _label(todo: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSet, 
         segmenter.forward = torch.compile(segmenter.forward, dynamic=True)
     predictor = Predictor(segmenter, config.protocol, config.batch_size)
     workers = default_workers(device) if config.workers is None else config.workers
-    loaded = load_images(todo, config.protocol, segmenter.mean, segmenter.std, config.max_pixels,
-                         keep_rgb=config.overlay, workers=workers, pin_memory=device.type == "cuda",
-                         decode_on=decode_device(config.decode, device), decode_batch=max(16, config.batch_size))
+    memory = MemoryCheck.now(config.protocol, len(labelset), segmenter.stride, config.overlay, config.save_scores)
     writer = BackgroundWriter(config.writer_threads, limit=2 * config.batch_size + 2)
     buckets: dict[tuple, list[Loaded]] = {}  # equal input shapes batch together
     out = Path(config.out)
@@ -170,36 +172,67 @@ def _label(todo: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSet, 
             summary.labelled += 1
             on_image(item, None)
 
+    def failed(ld: Loaded, reason: str) -> None:
+        summary.failures.append((ld.shown_path or str(ld.item.path), reason))
+        on_image(ld.item, reason)
+
     def run(batch: list[Loaded]) -> None:
         for ld, pred in zip(batch, _predict(predictor, batch, config.precision)):
-            finished(writer.submit(ld.item, _write_image, out, ld.item, ld.rgb, pred, labelset, config))
+            if isinstance(pred, str):
+                failed(ld, pred)
+                continue
+            if not np.isfinite(pred.confidence).all():
+                failed(ld, "the model gave scores that are not finite numbers (NaN or infinity)")
+                continue
+            if memory.crowded(*ld.size, writer.limit):  # a huge image is written alone
+                finished(writer.drain())
+            finished(writer.submit(ld.item, _write_image, out, ld.item, ld.rgb, pred, labelset, config, settings))
 
+    # Signals are held while images are in flight and acted on between them, so a stop never
+    # falls between writing an image's record and counting it.
+    with held() as stop:
+        loaded = load_images(todo, config.protocol, segmenter.mean, segmenter.std, config.max_pixels,
+                             keep_rgb=config.overlay, workers=workers, pin_memory=device.type == "cuda", fits=memory,
+                             decode_on=decode_device(config.decode, device), decode_batch=max(16, config.batch_size))
+        try:
+            for ld in _until_stopped(loaded, stop):
+                if ld.error is not None:
+                    failed(ld, ld.error)
+                    continue
+                shape = tuple(ld.tensor.shape) if ld.tensor is not None else ()  # () : TTA, raw pixels
+                bucket = buckets.setdefault(shape, [])
+                bucket.append(ld)
+                if len(bucket) >= config.batch_size:
+                    run(buckets.pop(shape))
+                elif sum(map(len, buckets.values())) > 4 * config.batch_size:  # odd sizes: bound the wait
+                    run(buckets.pop(max(buckets, key=lambda k: len(buckets[k]))))
+            for key in list(buckets):
+                stop.raise_if_stopped()
+                run(buckets.pop(key))
+            finished(writer.drain())
+        except BaseException:
+            # A stop or an error: images already predicted are written (finish the images in
+            # flight), those not yet predicted are left for the rerun.
+            try:
+                finished(writer.drain())
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                pass
+            raise
+        finally:
+            writer.close()
+            loaded.close()  # loader processes shut down now, not at interpreter exit
+
+
+def _until_stopped(loaded: Iterator[Loaded], stop) -> Iterator[Loaded]:
+    """The loaded images until a held signal asks to stop. A loader process that the same signal
+    ended (SIGTERM reaches every process of a Slurm job) fails the fetch: that is the stop too."""
     try:
         for ld in loaded:
-            if ld.error is not None:
-                summary.failures.append((ld.shown_path or str(ld.item.path), ld.error))
-                on_image(ld.item, ld.error)
-                continue
-            shape = tuple(ld.tensor.shape) if ld.tensor is not None else ()  # () : TTA, raw pixels
-            bucket = buckets.setdefault(shape, [])
-            bucket.append(ld)
-            if len(bucket) >= config.batch_size:
-                run(buckets.pop(shape))
-            elif sum(map(len, buckets.values())) > 4 * config.batch_size:  # odd sizes: bound the wait
-                run(buckets.pop(max(buckets, key=lambda k: len(buckets[k]))))
-        for key in list(buckets):
-            run(buckets.pop(key))
-        finished(writer.drain())
-    except BaseException:
-        # Ctrl-C or an error: images already predicted are written (finish the image in flight),
-        # those not yet predicted are left for the rerun.
-        try:
-            finished(writer.drain())
-        except Exception:  # noqa: BLE001 - the first error is the one to report
-            pass
+            stop.raise_if_stopped()
+            yield ld
+    except RuntimeError:
+        stop.raise_if_stopped()
         raise
-    finally:
-        writer.close()
 
 
 def _owned_by(out: Path, items: Sequence[ImageItem]) -> Callable[[Path], bool]:
@@ -213,21 +246,50 @@ def _owned_by(out: Path, items: Sequence[ImageItem]) -> Callable[[Path], bool]:
     return owned
 
 
-def _predict(predictor: Predictor, batch: list[Loaded], precision: str) -> list[Prediction]:
-    """Predictions for a batch; on CUDA out-of-memory the batch size is halved and the batch retried."""
+def _predict(predictor: Predictor, batch: list[Loaded], precision: str) -> list[Prediction | str]:
+    """Predictions for a batch; out of memory, the batch size is halved and the batch retried.
+    At batch size 1, each image that still does not fit gets the reason instead (a per-image
+    failure: the next image may be smaller)."""
     while True:
         try:
-            with _autocast(predictor.device, precision):
-                if predictor.protocol.tta:
-                    return predictor.predict([ld.rgb for ld in batch])
-                return predictor.predict_prepared([ld.tensor for ld in batch], [ld.size for ld in batch])
-        except torch.OutOfMemoryError:
-            if predictor.batch_size == 1:
+            return _predict_now(predictor, batch, precision)
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
                 raise
-            predictor.batch_size //= 2
-            if predictor.device.type == "cuda":
-                torch.cuda.empty_cache()
-            print(f"seglabel: out of memory: batch size halved to {predictor.batch_size}", file=sys.stderr)
+            reason = f"not enough memory to label it at these settings ({_first_line(e)})"
+        _release(predictor.device)
+        if predictor.batch_size == 1:
+            break
+        predictor.batch_size //= 2
+        print(f"seglabel: out of memory: batch size halved to {predictor.batch_size}", file=sys.stderr)
+    if len(batch) == 1:
+        return [reason]
+    out: list[Prediction | str] = []
+    for ld in batch:
+        out.extend(_predict(predictor, [ld], precision))
+    return out
+
+
+def _predict_now(predictor: Predictor, batch: list[Loaded], precision: str) -> list[Prediction]:
+    with _autocast(predictor.device, precision):
+        if predictor.protocol.tta:
+            return predictor.predict([ld.rgb for ld in batch])
+        return predictor.predict_prepared([ld.tensor for ld in batch], [ld.size for ld in batch])
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """CUDA's and the CPU allocator's (a RuntimeError "can't allocate memory") out-of-memory errors."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:200] or type(e).__name__
 
 
 def _autocast(device: torch.device, precision: str):
@@ -265,30 +327,37 @@ def merge(out: str | Path) -> int:
         labelset = parse_labelset(first["labelset"], source=first.get("labelset_source") or str(out))
         check_settings(out, first["settings"])
         n = write_coco(out, labelset, info=_coco_info(labelset, first))
+        roots = sorted({root for r in parts.values() for root in r.get("input_roots") or []})
         # Each part's record holds its latest run: failures still standing after any reruns.
-        write_json(out / RUN_FILE, {**first, "part": None, "status": "done", "merged": sorted(parts), "summary": {
+        write_json(out / RUN_FILE, {**first, "part": None, "status": "done", "merged": sorted(parts),
+                                    "input_roots": roots, "summary": {
             "out": str(out), "images": n,
             "failures": [f for r in parts.values() for f in r.get("summary", {}).get("failures", [])]}})
     return n
 
 
-def _write_image(out: Path, item: ImageItem, rgb, pred: Prediction, labelset: LabelSet, config: AnnotateConfig) -> None:
+def _write_image(out: Path, item: ImageItem, rgb, pred: Prediction, labelset: LabelSet, config: AnnotateConfig,
+                 settings: str) -> None:
     mask = to_mask(pred, labelset, config.min_confidence)
     write_bytes(out / MASKS / f"{item.key}.png", encode_mask_png(mask))
     if config.save_scores:
         write_bytes(out / SCORES / f"{item.key}.png", encode_scores_png(pred.confidence))
     if config.overlay:
         write_bytes(out / OVERLAYS / f"{item.key}.jpg", encode_overlay_jpg(rgb, mask, labelset))
-    write_json(out / RECORDS / f"{item.key}.json", image_record(item.rel, mask, pred.confidence, labelset))
+    # The settings fingerprint first: the settings check reads only the head of each record.
+    record = {"settings_id": settings, **image_record(item.rel, mask, pred.confidence, labelset)}
+    write_json(out / RECORDS / f"{item.key}.json", record)
 
 
 def _run_record(labelset: LabelSet, segmenter: Segmenter, config: AnnotateConfig,
-                settings: dict[str, Any], argv: Sequence[str] | None) -> dict[str, Any]:
+                settings: dict[str, Any], argv: Sequence[str] | None, roots: list[str]) -> dict[str, Any]:
     return {
         "seglabel_version": __version__,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "argv": list(argv if argv is not None else sys.argv),
-        "cwd": os.getcwd(),  # relative input paths in argv are relative to this
+        "cwd": os.getcwd(),
+        # The folders the records' file names are relative to (preview and export find photos there).
+        "input_roots": roots,
         "model": getattr(segmenter, "spec", None),
         "weights": getattr(segmenter, "weights_info", {}),
         "device": str(segmenter.device),
@@ -305,5 +374,4 @@ def _run_record(labelset: LabelSet, segmenter: Segmenter, config: AnnotateConfig
 
 def _coco_info(labelset: LabelSet, record: dict[str, Any]) -> dict[str, Any]:
     return {"description": f"seglabel {__version__}: {labelset.name}", "version": __version__,
-            "model": record["model"], "date_created": record["started"],
-            "settings_id": hashlib.sha256(json.dumps(record["settings"], sort_keys=True).encode()).hexdigest()[:16]}
+            "model": record["model"], "date_created": record["started"], "settings_id": settings_id(record["settings"])}

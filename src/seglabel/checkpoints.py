@@ -6,8 +6,12 @@ tensors, containers and numbers only) and memory-mapped where the format allows.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import pickle
 import re
+import threading
 import warnings
 import zipfile
 from pathlib import Path
@@ -15,8 +19,10 @@ from typing import Any
 
 import torch
 
+from .errors import UsageError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UsageError):
     """A weight file that cannot be used; one line naming the file and the problem."""
 
 
@@ -112,3 +118,55 @@ def state_dict_of(obj: Any, path: str | Path = "<checkpoint>") -> dict[str, torc
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
+
+
+# -- identity -------------------------------------------------------------------------------------
+def cache_dir() -> Path | None:
+    """seglabel's cache folder: ``$SEGLABEL_CACHE`` (``off`` disables), else
+    ``$XDG_CACHE_HOME/seglabel`` (``~/.cache/seglabel``)."""
+    env = os.environ.get("SEGLABEL_CACHE")
+    if env is not None:
+        return None if env.strip().lower() in ("", "off", "0", "none") else Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seglabel"
+
+
+def content_id(path: str | Path) -> str:
+    """``sha256:<hex>`` of a file's bytes: weights are known by what they hold, not by how their
+    path is spelled. Remembered in the cache folder per (real path, size, mtime, ctime, inode), so
+    a weight file of gigabytes is read once until it changes."""
+    st = os.stat(path)
+    stamp = [os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+    if tuple(stamp) in _CONTENT_IDS:
+        return _CONTENT_IDS[tuple(stamp)]
+    _CONTENT_IDS[tuple(stamp)] = found = _content_id(path, stamp)
+    return found
+
+
+_CONTENT_IDS: dict[tuple, str] = {}  # this process's answers (the cache folder may be off or read-only)
+
+
+def _content_id(path: str | Path, stamp: list) -> str:
+    folder = cache_dir()
+    entry = None
+    if folder is not None:
+        entry = folder / "sha256" / hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:32]
+        try:
+            known = entry.read_text(encoding="ascii").strip()
+            if re.fullmatch(r"sha256:[0-9a-f]{64}", known):
+                return known
+        except OSError:
+            pass
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    found = f"sha256:{digest.hexdigest()}"
+    if entry is not None:
+        try:  # a unique temporary, then a rename: shards hashing at once never see half an entry
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp = entry.with_name(f".{entry.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(found, encoding="ascii")
+            os.replace(tmp, entry)
+        except OSError:
+            pass  # an unwritable cache only costs time
+    return found

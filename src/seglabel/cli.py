@@ -1,14 +1,18 @@
-"""The ``seglabel`` command: flags -> library calls, errors -> one line and an exit code."""
+"""The ``seglabel`` command: flags -> library calls; every error -> one line and an exit code
+(cli_handler.py; the codes are in exitcodes.py)."""
 from __future__ import annotations
 
-import json
+import os
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import typer
 
 from . import exitcodes
+from .cli_handler import exit_code_of, guarded, say, usage_line
+from .errors import UsageError, one_line
+from .interrupts import terminate_like_ctrl_c
 from .labelset import LabelSetError, load_labelset
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -17,52 +21,27 @@ labelsets_app = typer.Typer(no_args_is_help=True, help="Validate label set files
 app.add_typer(labelsets_app, name="labelsets")
 
 
-def fail(message: str, code: int = exitcodes.USAGE) -> None:
-    typer.echo(f"seglabel: error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-# Errors that mean "nothing was done, fix the input": exit 2. Looked up only in modules already
-# imported (an error cannot come from a module that never loaded), so no command pays for torch.
-_USAGE_ERRORS = (("seglabel.checkpoints", "CheckpointError"), ("seglabel.evaluate", "EvalError"),
-                 ("seglabel.images", "ImageError"), ("seglabel.annotate", "SettingsMismatch"),
-                 ("seglabel.models.clip", "WeightsUnavailable"))
-
-
-def run_guarded(fn: Callable[[], int]) -> None:
-    """Map library errors to one line on stderr and the documented exit codes."""
-    try:
-        code = fn()
-    except typer.Exit:
-        raise  # fail() inside fn: already reported
-    except KeyboardInterrupt:
-        fail("interrupted", exitcodes.INTERRUPTED)
-    except Exception as e:  # noqa: BLE001 - the last line of defence: one line
-        usage = (LabelSetError, ValueError, FileNotFoundError) + tuple(
-            getattr(sys.modules[m], name) for m, name in _USAGE_ERRORS if m in sys.modules)
-        if isinstance(e, usage):
-            fail(str(e), exitcodes.USAGE)
-        fail(f"{type(e).__name__}: {e}", exitcodes.ERROR)
-    raise typer.Exit(code)
-
-
 @app.command()
+@guarded
 def annotate(
     ctx: typer.Context,
     inputs: List[Path] = typer.Argument(None, help="Image files and folders (walked recursively)."),
     labels: Path = typer.Option(..., "--labels", "-l", help="Label set YAML."),
     out: Path = typer.Option(Path("labels"), "--out", "-o", help="Output folder."),
-    from_list: Optional[str] = typer.Option(None, "--from-list", help="File with one image path per line; - for stdin."),
+    from_list: Optional[str] = typer.Option(None, "--from-list", help="File with one image path per line "
+                                            "(# starts a comment); - for stdin."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Output paths are relative to this folder (list "
+                                        "entries too); without it a listed file mirrors its absolute path."),
     model: str = typer.Option("maskclip:ViT-B-16", "--model", "-m", help="KIND:NAME, e.g. maskclip:ViT-B-16, maskclip:RN50."),
     pretrained: str = typer.Option("openai", "--pretrained", help="open_clip pretrained tag or a local weights file."),
     model_config: Optional[Path] = typer.Option(None, "--model-config", help="open_clip model config JSON to register."),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Weights cache (default: the Hugging Face cache)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
-    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Images (or windows) per forward pass."),
-    short_side: int = typer.Option(512, "--short-side", min=1, help="Resize so the short side is this."),
-    max_long_side: int = typer.Option(2048, "--max-long-side", min=0, help="...unless the long side exceeds this (0: no cap)."),
-    window: int = typer.Option(0, "--window", min=0, help="Sliding-window size in resized pixels (0: whole image)."),
-    window_stride: int = typer.Option(0, "--window-stride", min=0, help="Sliding-window stride (0: half the window)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Images (or windows) per forward pass."),
+    short_side: int = typer.Option(512, "--short-side", help="Resize so the short side is this."),
+    max_long_side: int = typer.Option(2048, "--max-long-side", help="...unless the long side exceeds this (0: no cap)."),
+    window: int = typer.Option(0, "--window", help="Sliding-window size in resized pixels (0: whole image)."),
+    window_stride: int = typer.Option(0, "--window-stride", help="Sliding-window stride (0: half the window)."),
     tta: bool = typer.Option(False, "--tta", help="LSeg's official multi-scale + flip + 480 sliding window (slow)."),
     method: Optional[str] = typer.Option(None, "--method", help="Training-free method of maskclip:NAME models: "
                                          "maskclip, clearclip, sclip, naclip, scclip, or with a second "
@@ -77,150 +56,115 @@ def annotate(
     pamr: bool = typer.Option(False, "--pamr", help="Refine the upsampled logits with PAMR (NACLIP's option)."),
     protocol_name: str = typer.Option("default", "--protocol", help="default (short side 512, whole image) or "
                                       "paper (the method's own; --short-side/--window given too win)."),
-    logit_scale: Optional[float] = typer.Option(None, "--logit-scale", min=0.0, help="Softmax scale of the "
+    logit_scale: Optional[float] = typer.Option(None, "--logit-scale", help="Softmax scale of the "
                                                 "confidence (default: the method's: 100, ClearCLIP 50, others 40)."),
     key_smoothing: Optional[bool] = typer.Option(None, "--key-smoothing/--no-key-smoothing",
                                                  help="MaskCLIP key smoothing (default: on for --method maskclip)."),
     prompt_denoising: Optional[bool] = typer.Option(None, "--prompt-denoising/--no-prompt-denoising",
                                                     help="MaskCLIP prompt denoising (default: on for --method maskclip)."),
-    min_confidence: Optional[float] = typer.Option(None, "--min-confidence", min=0.0, max=1.0,
-                                                   help="Pixels less confident than this are written as 255."),
+    min_confidence: Optional[float] = typer.Option(None, "--min-confidence",
+                                                   help="Pixels less confident than this (0 to 1) are written as 255."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write colour overlays (overlays/*.jpg)."),
     save_scores: bool = typer.Option(False, "--save-scores", help="Also write per-pixel confidence (scores/*.png)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Relabel images that are already done."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: label every N-th input from the I-th "
                                         "(default: a Slurm array's task id/count); then `seglabel merge OUT`."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Image loader processes (default: none on a CPU, up to 8 on a GPU)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Image loader processes (default: none on a CPU, up to 8 on a GPU)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16 (autocast around the model)."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model (long GPU runs)."),
     decode: str = typer.Option("auto", "--decode", help="Where JPEGs are decoded: auto (on the GPU when annotating "
                                "on one), cpu, or device (the model's device)."),
-    max_pixels: int = typer.Option(178_956_970, "--max-pixels", min=1, help="Refuse images with more pixels."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be done; load no model."),
+    max_pixels: int = typer.Option(178_956_970, "--max-pixels", help="Refuse images with more pixels."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Make every check a run makes before loading the "
+                                 "model (settings, image headers); list what would be done; write nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr."),
-) -> None:
+) -> int:
     """Label every pixel of every image with the classes of a label set."""
+    from .annotate import AnnotateConfig, annotate as run_annotate
+    from .images import IMAGE_SUFFIXES, find_images, read_lines
+    from .predict import Protocol
+    from .recipe import PROTOCOL_FIELDS, Recipe, check, dry_run as plan_run, prepare
+    from .runs import parse_shard, select_shard, shard_part
 
-    def run() -> int:
-        from .annotate import AnnotateConfig, annotate as run_annotate, plan
-        from .images import IMAGE_SUFFIXES, find_images, read_lines
-        from .models.registry import load_segmenter
-        from .predict import Protocol, resolve_device
-        from .runs import parse_shard, select_shard, shard_part
-
-        if not inputs and not from_list:
-            fail("give image files or folders, or --from-list")
-        labelset = load_labelset(labels)
-        for warning in labelset.warnings:
-            typer.echo(f"seglabel: warning: {warning}", err=True)
-        found = find_images(inputs or [], read_lines(from_list) if from_list else [], exclude=[out])
-        shard_spec = parse_shard(shard)
-        found.items = select_shard(found.items, shard_spec)
-        if shard_spec and shard_spec[0] != 0:
-            found.problems = []  # unreadable list entries are reported once, by shard 0
-        if not found.items and not found.problems:
-            fail("no images found (looked for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
-        if dry_run:
-            todo, done = plan(found.items, out, overwrite)
-            return _print_plan(todo, done, found.problems, as_json)
-        if tta and window:
-            fail("--tta and --window are two different protocols: give one")
-        if method is not None and not model.startswith("maskclip:"):
-            raise ValueError(f"--method {method} applies to maskclip:NAME models")
-        if (proxy or proxy_weights or regions) and method not in ("proxyclip", "corrclip"):
-            raise ValueError(f"{'--proxy' if proxy else '--proxy-weights' if proxy_weights else '--regions'} "
-                             f"applies to --method proxyclip or corrclip")
-        if protocol_name not in ("default", "paper"):
-            raise ValueError(f"--protocol {protocol_name}: choose default or paper")
-        protocol = Protocol(short_side, max_long_side, window, window_stride, tta, pamr=pamr)
-        if precision not in ("fp32", "fp16", "bf16"):
-            fail(f"--precision {precision}: choose fp32, fp16 or bf16")
-        if decode not in ("auto", "cpu", "device"):
-            fail(f"--decode {decode}: choose auto, cpu or device")
-        config = AnnotateConfig(out=out, overwrite=overwrite, overlay=overlay, save_scores=save_scores,
-                                min_confidence=min_confidence, batch_size=batch_size, max_pixels=max_pixels,
-                                protocol=protocol, workers=workers, precision=precision, compile=compile_model,
-                                decode=decode, part=shard_part(shard_spec))
-        segmenter = load_segmenter(
-            model, labelset, pretrained=pretrained, cache_dir=cache_dir, device=resolve_device(device),
-            model_config=str(model_config) if model_config else None,
-            method=method or "auto", logit_scale=logit_scale,  # refinements None: on for maskclip only
-            key_smoothing=key_smoothing, prompt_denoising=prompt_denoising,
-            **{k: v for k, v in (("proxy", proxy), ("proxy_weights", proxy_weights), ("regions", regions)) if v})
-        if protocol_name == "paper":  # the method is known once the tower is
-            config.protocol = _paper_protocol(ctx, getattr(segmenter, "method", "maskclip"), protocol)
-        with _progress(len(found.items), bar=not (quiet or as_json), report=not quiet) as on_image:
-            summary = run_annotate(found.items, segmenter, labelset, config, found.problems, on_image, sys.argv)
-        if as_json:
-            typer.echo(json.dumps(summary.to_dict(), indent=2))
-        elif not quiet:
-            _print_summary(summary)
-        return summary.exit_code
-
-    run_guarded(run)
-
-
-def _paper_protocol(ctx: typer.Context, method: str, given):
-    """``--protocol paper``: the method's own short side, window and stride (models/trainingfree.py);
-    --short-side, --max-long-side, --window, --window-stride given on the command line win."""
-    import dataclasses
-
-    from .models.trainingfree import paper_protocol
-
-    fields = ("short_side", "max_long_side", "window", "window_stride")
-    explicit = {f: getattr(given, f) for f in fields
-                if getattr(ctx.get_parameter_source(f), "name", "") == "COMMANDLINE"}
-    if "window" in explicit and "window_stride" not in explicit:
-        explicit["window_stride"] = given.window_stride  # half the given window, not the paper's stride
-    return dataclasses.replace(paper_protocol(method), tta=given.tta, pamr=given.pamr, **explicit)
+    if not inputs and not from_list:
+        raise UsageError("give image files or folders, or --from-list")
+    shard_spec = parse_shard(shard)
+    config = AnnotateConfig(out=out, overwrite=overwrite, overlay=overlay, save_scores=save_scores,
+                            min_confidence=min_confidence, batch_size=batch_size, max_pixels=max_pixels,
+                            protocol=Protocol(short_side, max_long_side, window, window_stride, tta, pamr=pamr),
+                            workers=workers, precision=precision, compile=compile_model, decode=decode,
+                            part=shard_part(shard_spec))
+    recipe = Recipe(labels=labels, config=config, model=model, pretrained=pretrained,
+                    model_config=str(model_config) if model_config else None, cache_dir=cache_dir, device=device,
+                    method=method, logit_scale=logit_scale, key_smoothing=key_smoothing,
+                    prompt_denoising=prompt_denoising, protocol_name=protocol_name,
+                    model_options={k: v for k, v in (("proxy", proxy), ("proxy_weights", proxy_weights),
+                                                     ("regions", regions)) if v is not None},
+                    explicit=frozenset(f for f in PROTOCOL_FIELDS
+                                       if getattr(ctx.get_parameter_source(f), "name", "") == "COMMANDLINE"))
+    checked = check(recipe)  # flags, output folder, device, label set, model spec, settings in --out
+    for warning in checked.labelset.warnings:
+        say(warning, "warning")
+    found = find_images(inputs or [], read_lines(from_list) if from_list else [], exclude=[out], root=root)
+    found.items = select_shard(found.items, shard_spec)
+    if shard_spec and shard_spec[0] != 0:
+        found.problems = []  # unreadable list entries are reported once, by shard 0
+    if not found.items and not found.problems:
+        raise UsageError("no images found (looked for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
+    if dry_run:
+        return _print_plan(plan_run(recipe, found.items, checked), found.problems, as_json)
+    ready = prepare(recipe, checked)
+    with _progress(len(found.items), bar=not (quiet or as_json), report=not quiet) as on_image:
+        summary = run_annotate(found.items, ready.segmenter, ready.labelset, ready.config, found.problems,
+                               on_image, sys.argv)
+    if as_json:
+        typer.echo(_json(summary.to_dict()))
+    elif not quiet:
+        _print_summary(summary)
+    return summary.exit_code
 
 
 @app.command()
-def merge(out: Path = typer.Argument(..., help="Output folder the shards wrote into.")) -> None:
+@guarded
+def merge(out: Path = typer.Argument(..., help="Output folder the shards wrote into.")) -> int:
     """Write OUT/coco.json from every shard's records, once all shards have finished."""
+    from .annotate import merge as merge_shards
 
-    def run() -> int:
-        from .annotate import merge as merge_shards
-
-        n = merge_shards(out)
-        typer.echo(f"{n} images -> {out / 'coco.json'}", err=True)
-        return exitcodes.OK
-
-    run_guarded(run)
+    n = merge_shards(out)
+    typer.echo(f"{n} images -> {out / 'coco.json'}", err=True)
+    return exitcodes.OK
 
 
 @app.command("eval")
+@guarded
 def evaluate(
     pred: Path = typer.Option(..., "--pred", help="annotate's output folder, or a folder of mask PNGs."),
     gt: Path = typer.Option(..., "--gt", help="Folder of ground-truth mask PNGs (same relative paths)."),
     labels: Path = typer.Option(..., "--labels", "-l", help="Label set YAML the masks use."),
     id_map: Optional[Path] = typer.Option(None, "--id-map", help="YAML/JSON map: ground-truth id -> class index or name."),
     as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON on stdout."),
-) -> None:
+) -> int:
     """Score predicted masks against ground truth: per-class IoU, mIoU, pixel accuracy."""
+    from .evaluate import evaluate_folders, load_id_map, render_table
 
-    def run() -> int:
-        from .evaluate import evaluate_folders, load_id_map, render_table
+    labelset = load_labelset(labels)
+    mapping = load_id_map(id_map, labelset) if id_map else None
+    result = evaluate_folders(pred, gt, labelset, mapping)
+    if as_json:
+        typer.echo(_json(result.to_dict()))
+    else:
+        from rich.console import Console
 
-        labelset = load_labelset(labels)
-        mapping = load_id_map(id_map, labelset) if id_map else None
-        result = evaluate_folders(pred, gt, labelset, mapping)
-        if as_json:
-            typer.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
-        else:
-            from rich.console import Console
-
-            Console().print(render_table(result))
-        for path, reason in result.skipped:
-            typer.echo(f"skipped: {path}: {reason}", err=True)
-        return exitcodes.OK
-
-    run_guarded(run)
+        Console().print(render_table(result))
+    for path, reason in result.skipped:
+        typer.echo(one_line(f"skipped: {path}: {reason}"), err=True)
+    return exitcodes.OK
 
 
 @labelsets_app.command("check")
-def labelsets_check(files: List[Path] = typer.Argument(..., help="Label set YAML files.")) -> None:
+@guarded
+def labelsets_check(files: List[Path] = typer.Argument(..., help="Label set YAML files.")) -> int:
     """Validate label sets; each error names the file, the line and the problem."""
     bad = 0
     for f in files:
@@ -228,35 +172,45 @@ def labelsets_check(files: List[Path] = typer.Argument(..., help="Label set YAML
             ls = load_labelset(f)
             typer.echo(f"{f}: ok, {len(ls)} classes, {len(ls.prompts)} prompts")
             for warning in ls.warnings:
-                typer.echo(f"seglabel: warning: {warning}", err=True)
+                say(warning, "warning")
         except LabelSetError as e:
-            typer.echo(f"seglabel: error: {e}", err=True)
+            say(str(e))
             bad += 1
-    raise typer.Exit(exitcodes.USAGE if bad else exitcodes.OK)
+    return exitcodes.USAGE if bad else exitcodes.OK
 
 
 @app.command("models")
-def models() -> None:
+@guarded
+def models() -> int:
     """List the model specs --model accepts."""
     from .models.registry import list_models
 
     for spec in list_models():
         typer.echo(spec)
+    return exitcodes.OK
 
 
 # -- output helpers -------------------------------------------------------------------------------
-def _print_plan(todo, done, problems, as_json: bool) -> int:
+def _json(obj) -> str:
+    from .writers import to_json
+
+    return to_json(obj, indent=2)
+
+
+def _print_plan(plan, input_problems, as_json: bool) -> int:
+    """What a dry run found: images to label, done, and every problem a run would report."""
+    problems = list(input_problems) + plan.problems
     if as_json:
-        typer.echo(json.dumps({"todo": [str(i.path) for i in todo], "done": [str(i.path) for i in done],
-                               "problems": [{"path": p.path, "reason": p.reason} for p in problems]}, indent=2))
+        typer.echo(_json({"todo": [str(i.path) for i in plan.todo], "done": [str(i.path) for i in plan.done],
+                          "problems": [{"path": p.path, "reason": p.reason} for p in problems]}))
     else:
-        for item in todo:
-            typer.echo(f"label  {item.path}")
-        for item in done:
-            typer.echo(f"skip   {item.path}")
+        for item in plan.todo:
+            typer.echo(one_line(f"label  {item.path}"))
+        for item in plan.done:
+            typer.echo(one_line(f"skip   {item.path}"))
         for p in problems:
-            typer.echo(f"error  {p}")
-        typer.echo(f"{len(todo)} to label, {len(done)} done, {len(problems)} problems", err=True)
+            typer.echo(one_line(f"error  {p}"))
+        typer.echo(f"{len(plan.todo)} to label, {len(plan.done)} done, {len(problems)} problems", err=True)
     return exitcodes.FAILURES if problems else exitcodes.OK
 
 
@@ -279,7 +233,11 @@ class _progress:
 
     def on_image(self, item, error) -> None:
         if error and self.report:
-            (self.bar.console.print if self.bar else lambda m: typer.echo(m, err=True))(f"failed: {item.path}: {error}")
+            line = one_line(f"failed: {item.path}: {error}")
+            if self.bar:
+                self.bar.console.print(line, markup=False, highlight=False)
+            else:
+                typer.echo(line, err=True)
         if self.bar:
             self.bar.advance(self.task)
 
@@ -288,43 +246,48 @@ class _progress:
             self.bar.stop()
 
 
+def _interrupted(summary) -> str:
+    if not summary.interrupted:
+        return ""
+    by = " by SIGTERM" if summary.exit_code == exitcodes.TERMINATED else ""
+    return f" (interrupted{by}; run the same command to finish)"
+
+
 def _print_summary(summary) -> None:
     rate = f", {summary.labelled / summary.seconds:.2f} images/s" if summary.seconds and summary.labelled else ""
     typer.echo(f"{summary.labelled} labelled, {summary.skipped} already done, {len(summary.failures)} failed"
-               f"{rate} -> {summary.out}" + (" (interrupted)" if summary.interrupted else ""), err=True)
+               f"{rate} -> {summary.out}" + _interrupted(summary), err=True)
     for path, reason in summary.failures:
-        typer.echo(f"  failed: {path}: {reason}", err=True)
+        typer.echo(one_line(f"  failed: {path}: {reason}"), err=True)
 
 
 @app.command("preview")
+@guarded
 def preview(
     out: Path = typer.Argument(..., help="annotate's output folder."),
     images: List[Path] = typer.Option([], "--images", help="Folder the photos were labelled from (if not where run.json says)."),
     per_page: int = typer.Option(100, "--per-page", min=1, help="Cards per HTML page."),
     jobs: int = typer.Option(0, "--jobs", "-j", min=0, help="Processes drawing overlays (0: one per CPU)."),
     open_browser: bool = typer.Option(False, "--open", help="Open the contact sheet in the browser."),
-) -> None:
+) -> int:
     """Write OUT/preview/index.html: every image under its labels, least confident first."""
+    import webbrowser
 
-    def run() -> int:
-        import webbrowser
+    from .review import build_preview
 
-        from .review import build_preview
-
-        result = build_preview(out, images, per_page=per_page, jobs=jobs)
-        if result.missing_photos:
-            typer.echo(f"{len(result.missing_photos)} photos not found, drawn on grey (first: "
-                       f"{result.missing_photos[0]}); pass --images DIR", err=True)
-        typer.echo(f"{result.images} images on {result.pages} pages ({result.drawn} drawn) -> {result.index}", err=True)
-        typer.echo(str(result.index))
-        if open_browser:
-            webbrowser.open(result.index.resolve().as_uri())
-        return exitcodes.OK
-
-    run_guarded(run)
+    result = build_preview(out, images, per_page=per_page, jobs=jobs)
+    if result.missing_photos:
+        typer.echo(one_line(f"{len(result.missing_photos)} photos not found, drawn on grey (first: "
+                            f"{result.missing_photos[0]}); pass --images DIR"), err=True)
+    typer.echo(f"{result.images} images on {result.pages} pages ({result.drawn} drawn) -> {result.index}", err=True)
+    typer.echo(str(result.index))
+    if open_browser:
+        webbrowser.open(result.index.resolve().as_uri())
+    return exitcodes.OK
 
 
 @app.command("export")
+@guarded
 def export(
     out: Path = typer.Argument(..., help="annotate's output folder."),
     fmt: str = typer.Option(..., "--format", "-f", help="cvat, labelstudio or fiftyone."),
@@ -332,20 +295,16 @@ def export(
     images: List[Path] = typer.Option([], "--images", help="Folder the photos were labelled from (if not where run.json says)."),
     document_root: Optional[Path] = typer.Option(None, "--document-root",
                                                  help="labelstudio: LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; image paths relative to it."),
-) -> None:
+) -> int:
     """Export the labels for review in CVAT, Label Studio or FiftyOne."""
+    from .exports import export as run_export
 
-    def run() -> int:
-        from .exports import export as run_export
-
-        result = run_export(out, fmt, dest, images, document_root)
-        for note in result.notes:
-            typer.echo(note, err=True)
-        typer.echo(f"{result.images} images -> {result.dest}", err=True)
-        typer.echo(str(result.dest))
-        return exitcodes.OK
-
-    run_guarded(run)
+    result = run_export(out, fmt, dest, images, document_root)
+    for note in result.notes:
+        typer.echo(one_line(note), err=True)
+    typer.echo(f"{result.images} images -> {result.dest}", err=True)
+    typer.echo(str(result.dest))
+    return exitcodes.OK
 
 
 from .cli_distill import distill  # noqa: E402  (its heavy imports are inside the command)
@@ -353,8 +312,47 @@ from .cli_distill import distill  # noqa: E402  (its heavy imports are inside th
 app.command("distill")(distill)
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(run(argv))
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Parse and run one command; every refusal of the parser is one line too (exit 2)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    terminate_like_ctrl_c()
+    command = typer.main.get_command(app)
+    try:
+        _refuse_values_of_flags(command, args)
+        code = command.main(args=args, prog_name="seglabel", standalone_mode=False)
+    except _PARSER_ERROR as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `seglabel` alone: the help
+            typer.echo(e.ctx.get_help())
+            return exitcodes.USAGE
+        say(usage_line(e, args))
+        return getattr(e, "exit_code", exitcodes.USAGE)
+    except BaseException as e:  # noqa: BLE001 - outside any command (parsing): one line too
+        if isinstance(e, SystemExit):
+            raise
+        return exit_code_of(e)
+    return code if isinstance(code, int) else exitcodes.OK
+
+
+# click's ClickException (typer's own copy of click, or click itself in older typer versions)
+_PARSER_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_BOOLEAN_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+
+
+def _refuse_values_of_flags(command, args: list[str]) -> None:
+    """``--overlay true``: a flag takes no value, and the word would be read as an input path."""
+    rest = list(args)
+    while rest and rest[0] in getattr(command, "commands", {}):
+        command, rest = command.commands[rest[0]], rest[1:]
+    flags = {o for p in command.params if getattr(p, "is_flag", False) for o in [*p.opts, *p.secondary_opts]}
+    for flag, word in zip(rest, rest[1:]):
+        if flag == "--":
+            return
+        if flag in flags and word.lower() in _BOOLEAN_WORDS and not os.path.exists(word):
+            raise UsageError(f"{flag} {word}: {flag} is a flag and takes no value; give {flag} alone, or leave it out")
 
 
 if __name__ == "__main__":

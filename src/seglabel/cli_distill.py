@@ -1,10 +1,12 @@
-"""``seglabel distill``: flags -> ``distill.train``; errors -> one line and an exit code.
+"""``seglabel distill``: flags -> ``distill.train``; errors -> one line and an exit code
+(cli_handler.py, as for every command; SIGTERM saves last.pt like Ctrl-C, then exit 143).
 
 Registered in cli.py with ``app.command("distill")(distill)``; ``python -m seglabel distill``
 is what torchrun runs (``torchrun --nproc_per_node 4 -m seglabel distill ...``).
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -12,13 +14,12 @@ from typing import Optional
 import typer
 
 from . import exitcodes
+from .cli_handler import guarded
+from .errors import UsageError
+from .writers import check_output_folder
 
 
-def _fail(message: str, code: int) -> None:
-    typer.echo(f"seglabel: error: {message}", err=True)
-    raise typer.Exit(code)
-
-
+@guarded
 def distill(
     images: Path = typer.Option(..., "--images", help="Folder of the images the pseudo-labels were made from."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: last.pt (resume), student.pt, log.jsonl."),
@@ -48,18 +49,17 @@ def distill(
     amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA."),
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation, data order and augmentation."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr (log.jsonl is still written)."),
-) -> None:
+) -> int:
     """Train a DeepLabv2 student on pseudo-labels (MaskCLIP+); label new folders with --model student:OUT/student.pt."""
-    from .checkpoints import CheckpointError
     from .distill import DistillConfig, train
-    from .images import ImageError
-    from .labelset import LabelSetError
-    from .models.clip import WeightsUnavailable
 
     if arch != "deeplabv2":
-        _fail(f"--arch {arch}: only deeplabv2 is available", exitcodes.USAGE)
+        raise UsageError(f"--arch {arch}: only deeplabv2 is available")
     if bool(val_images) != bool(val_masks):
-        _fail("--val-images and --val-masks go together", exitcodes.USAGE)
+        raise UsageError("--val-images and --val-masks go together")
+    if not math.isfinite(lr):
+        raise UsageError(f"--lr {lr}: must be a finite number")
+    check_output_folder(out)
     cfg = DistillConfig(
         images=str(images), out=str(out), pseudo=str(pseudo) if pseudo else None,
         labels=str(labels) if labels else None, teacher=teacher, clip=clip, pretrained=pretrained,
@@ -68,10 +68,5 @@ def distill(
         lr=lr, self_train_after=self_train_after, save_every=save_every, log_every=log_every,
         val_images=str(val_images) if val_images else None, val_masks=str(val_masks) if val_masks else None,
         val_every=val_every, workers=workers, device=device, amp=amp, seed=seed, quiet=quiet, argv=list(sys.argv))
-    try:
-        train(cfg)
-    except KeyboardInterrupt:  # train() saved last.pt before re-raising
-        _fail("interrupted; run the same command to resume", exitcodes.INTERRUPTED)
-    except (ValueError, FileNotFoundError, LabelSetError, CheckpointError, ImageError, WeightsUnavailable) as e:
-        _fail(str(e), exitcodes.USAGE)  # DataError, LabelSetError and CheckpointError are ValueErrors
-    raise typer.Exit(exitcodes.OK)
+    train(cfg)  # on Ctrl-C or SIGTERM it saves last.pt before the interrupt reaches the handler
+    return exitcodes.OK

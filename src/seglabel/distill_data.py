@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .errors import UsageError
 from .images import ImageError, find_images, load_image
+from .interrupts import leave_signals_to_parent
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """Training data that cannot be used; one line naming the folder or file and the problem."""
 
 
@@ -229,3 +231,4 @@ class SampleNumbers(torch.utils.data.Sampler):
 
 def worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers are processes already; threads would oversubscribe the cores
+    leave_signals_to_parent()  # Ctrl-C/SIGTERM to the process group: the parent saves last.pt

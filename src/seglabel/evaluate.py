@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from .errors import UsageError
 from .labelset import IGNORE_INDEX, IGNORE_INDEX_16BIT, LabelSet, load_labelset
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ _GT_IGNORED = -1   # lookup-table value: pixel is not scored
 _GT_UNKNOWN = -2   # not scored either, but worth a warning (id outside the label set, no id map)
 
 
-class EvalError(ValueError):
+class EvalError(UsageError):
     """Evaluation cannot run; the message is one line naming the file or folder and the problem."""
 
 

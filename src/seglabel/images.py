@@ -8,19 +8,21 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import UsageError
+from .layout import PER_IMAGE
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 DEFAULT_MAX_PIXELS = 178_956_970  # twice PIL's own decompression-bomb warning level
-# What annotate writes under --out (writers.py); skipped when --out holds the input folder.
-_OUTPUT_FOLDERS = ("masks", "scores", "overlays", "records")
 
 
-class ImageError(Exception):
-    """An image that cannot be labelled; ``str()`` is one line: path and reason."""
+class ImageError(UsageError):
+    """An image that cannot be labelled (a per-file problem of a run; exit 2 only where it stops a
+    command); ``str()`` is path and reason."""
 
     def __init__(self, path: str | Path, reason: str) -> None:
         shown = printable(path)
@@ -55,6 +57,14 @@ class ImageItem:
         """The relative output path without suffix: ``x/a.jpg`` -> ``x/a``."""
         return str(PurePosixPath(self.rel).with_suffix(""))
 
+    @property
+    def root(self) -> str:
+        """The absolute folder ``rel`` is relative to (where preview and export look for the photo)."""
+        path = os.path.abspath(self.path)
+        if not path.endswith(os.sep + self.rel):  # an item made by hand: its own folder
+            return os.path.dirname(path)
+        return path[: len(path) - len(self.rel)].rstrip(os.sep) or os.sep
+
 
 @dataclass
 class Inputs:
@@ -63,33 +73,50 @@ class Inputs:
 
 
 def find_images(paths: Iterable[str | Path] = (), listed: Iterable[str] = (),
-                exclude: Iterable[str | Path] = ()) -> Inputs:
-    """Images from directories (walked recursively, sorted), files, and a list of files.
+                exclude: Iterable[str | Path] = (), root: str | Path | None = None) -> Inputs:
+    """Images from folders (walked recursively, sorted), files, and a list of files (``listed``:
+    lines of a list file; blank lines and lines starting with ``#`` are skipped).
 
-    Directory entries are relative to their directory; listed files to their common folder; a
-    single file is its own name. Folders in ``exclude`` (outputs) are never entered. Symbolic
-    links to folders are followed, each folder entered once (no loops, no duplicates). Folders
-    that cannot be read and file names that are not UTF-8 become problems, so nothing is skipped
-    silently. Two inputs whose outputs would clash keep the first in sorted order; the others
-    become problems."""
+    An image's output path (its ``rel``) depends on nothing but the image and ``root``:
+    with ``root``, it is the path relative to ``root`` (relative list entries are taken relative
+    to ``root``; listed files outside it are problems, folders and files given outside it are
+    refused); without, a folder's images are relative to the folder, a file given is its own
+    name, and a listed file mirrors its absolute path (``/data/a/b.jpg`` -> ``data/a/b.jpg``).
+
+    Folders in ``exclude`` (outputs) are never entered. Symbolic links to folders are followed,
+    each folder entered once (no loops, no duplicates). Unreadable folders, inputs that are not
+    regular files (FIFOs, devices) and file names that are not UTF-8 become problems, so nothing
+    is skipped silently. Two inputs whose outputs would clash keep the first in sorted order;
+    the others become problems."""
     excluded = [os.path.realpath(p) for p in exclude]
+    base = os.path.abspath(root) if root is not None else None
+    if base is not None and not os.path.isdir(base):
+        raise UsageError(f"--root {printable(root)}: no such folder")
     found: list[ImageItem] = []
     problems: list[ImageError] = []
     for p in map(Path, paths):
+        under = _under(base, p, "given") if base is not None else None
         if p.is_dir():
-            found.extend(_walk(p, excluded, problems))
+            found.extend(_walk(p, excluded, problems, prefix=under or ""))
         elif p.is_file():
-            found.append(ImageItem(p, p.name))
+            found.append(ImageItem(p, under or p.name))
+        elif os.path.lexists(p):
+            problems.append(ImageError(p, _not_regular(p)))
         else:
-            raise FileNotFoundError(f"{printable(p)}: no such file or folder")
-    listed = [Path(line) for line in (s.strip() for s in listed) if line]
-    if listed:
-        root = Path(os.path.commonpath([os.path.abspath(p.parent) for p in listed]))
-        for p in listed:
-            if p.is_file():
-                found.append(ImageItem(p, Path(os.path.abspath(p)).relative_to(root).as_posix()))
-            else:
-                problems.append(ImageError(p, "listed but not found"))
+            raise UsageError(f"{printable(p)}: no such file or folder")
+    for line in listed:
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        p = Path(base, entry) if base is not None else Path(entry)
+        if not p.is_file():
+            problems.append(ImageError(p, _not_regular(p) if os.path.lexists(p) else "listed but not found"))
+        elif base is None:
+            found.append(ImageItem(p, PurePosixPath(os.path.abspath(p)).relative_to("/").as_posix()))
+        elif (rel := _under(base, p, "listed", strict=False)) is None:
+            problems.append(ImageError(p, f"listed, but not inside --root {printable(base)}"))
+        else:
+            found.append(ImageItem(p, rel))
     found.sort(key=lambda item: (item.rel, str(item.path)))
     items, owner = [], {}
     for item in found:
@@ -109,12 +136,33 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _walk(root: Path, excluded: list[str], problems: list[ImageError]) -> list[ImageItem]:
+def _under(base: str, path: Path, how: str, strict: bool = True) -> str | None:
+    """``path`` relative to ``base`` as a posix path ("" for ``base`` itself); outside ``base``:
+    None, or with ``strict`` a refusal (a path given on the command line)."""
+    path_abs = os.path.abspath(path)
+    if _inside(path_abs, base):
+        rel = os.path.relpath(path_abs, base)
+        return "" if rel == "." else PurePosixPath(rel).as_posix()
+    if strict:
+        raise UsageError(f"{printable(path)}: {how}, but not inside --root {printable(base)}")
+    return None
+
+
+def _not_regular(path: Path) -> str:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return f"broken symbolic link (to {printable(os.readlink(path))})" if os.path.islink(path) else "vanished"
+    kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    return f"not a regular file ({kind})"
+
+
+def _walk(root: Path, excluded: list[str], problems: list[ImageError], prefix: str = "") -> list[ImageItem]:
     real_root = os.path.realpath(root)
     # An output folder that holds the input folder (or is it): skip only what seglabel writes there.
     skip = []
     for e in excluded:
-        skip += [os.path.join(e, sub) for sub in _OUTPUT_FOLDERS] if _inside(real_root, e) else [e]
+        skip += [os.path.join(e, sub) for sub in PER_IMAGE] if _inside(real_root, e) else [e]
 
     def on_error(err: OSError) -> None:
         reason = err.strerror or type(err).__name__
@@ -136,7 +184,8 @@ def _walk(root: Path, excluded: list[str], problems: list[ImageError]) -> list[I
         for name in sorted(files):
             if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
                 path = Path(folder) / name
-                out.append(ImageItem(path, path.relative_to(root).as_posix()))
+                rel = path.relative_to(root).as_posix()
+                out.append(ImageItem(path, f"{prefix}/{rel}" if prefix else rel))
     return out
 
 
@@ -150,18 +199,42 @@ def _enter(path: str, real_root: str, skip: list[str]) -> bool:
 
 
 def read_lines(source: str) -> list[str]:
-    """Lines of a list file, or of standard input for '-'."""
+    """Lines of a list file, or of standard input for '-' (``find_images`` skips comments)."""
     if source == "-":
         return sys.stdin.read().splitlines()
-    return Path(source).read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+    try:
+        return Path(source).read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+    except OSError as e:
+        raise UsageError(f"--from-list {printable(source)}: cannot read ({e.strerror or type(e).__name__})") from None
 
 
-def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+               fits: Callable[[int, int], str | None] | None = None) -> np.ndarray:
     """An image file as RGB uint8 (H, W, 3), EXIF orientation applied; ``ImageError`` otherwise.
 
     The size is checked against ``max_pixels`` from the header, before any pixel is decoded
-    (PIL's own decompression-bomb limit is replaced by this one). Animations give their first
-    frame. Any failure to read or decode is an ``ImageError`` with a one-line reason."""
+    (PIL's own decompression-bomb limit is replaced by this one), and given to ``fits(width,
+    height)``, which may refuse it too (by returning the reason). Animations give their first frame.
+    Any failure to read or decode is an ``ImageError`` with a one-line reason."""
+    with _opened(path, max_pixels) as img:
+        reason = fits(*img.size) if fits is not None else None
+        if reason:
+            raise ImageError(path, reason)
+        img.seek(0)  # animations: the first frame
+        img.load()
+        return _to_rgb(ImageOps.exif_transpose(img))
+
+
+def read_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) from the header, with every check ``load_image`` makes before decoding."""
+    with _opened(path, max_pixels) as img:
+        return img.size
+
+
+@contextmanager
+def _opened(path: str | Path, max_pixels: int) -> Iterator[Image.Image]:
+    """The image opened (header read, nothing decoded); any failure, in here or in the body, is
+    an ``ImageError``."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -184,10 +257,7 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
                 if w * h > max_pixels:
                     raise ImageError(path, f"{w}x{h} is {w * h} pixels, more than --max-pixels {max_pixels} "
                                            f"(raise it to label this image)")
-                img.seek(0)  # animations: the first frame
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                return _to_rgb(img)
+                yield img
     except ImageError:
         raise
     except FileNotFoundError:

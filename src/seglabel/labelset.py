@@ -32,6 +32,8 @@ from typing import Any
 
 import yaml
 
+from .errors import UsageError
+
 IGNORE_INDEX = 255
 IGNORE_INDEX_16BIT = 65535
 MAX_CLASSES = IGNORE_INDEX_16BIT  # ids 0..65534; 65535 stays free for ignore
@@ -41,7 +43,7 @@ _CLASS_KEYS = {"name", "prompts", "color"}
 _IGNORE_KEYS = {"min_confidence", "classes"}
 
 
-class LabelSetError(ValueError):
+class LabelSetError(UsageError):
     """A label set that cannot be used; the message is one line: ``file:line: problem``."""
 
     def __init__(self, message: str) -> None:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .decode import decode_jpegs, device_decoding_available, device_jpeg
 from .images import ImageError, ImageItem, load_image
+from .interrupts import leave_signals_to_parent
 from .predict import Protocol, prepare_image, prepare_pixels
 
 DECODE_CHOICES = ("auto", "cpu", "device")
@@ -42,9 +43,10 @@ class Loaded:
 
 class _Images(torch.utils.data.Dataset):
     def __init__(self, items: Sequence[ImageItem], protocol: Protocol, mean, std, max_pixels: int,
-                 keep_rgb: bool, encoded: bool = False) -> None:
+                 keep_rgb: bool, encoded: bool = False,
+                 fits: Callable[[int, int], str | None] | None = None) -> None:
         self.items, self.protocol, self.max_pixels, self.keep_rgb = list(items), protocol, max_pixels, keep_rgb
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std, self.fits = tuple(mean), tuple(std), fits
         self.encoded = encoded  # plain JPEGs stay encoded, for the device to decode
 
     def __len__(self) -> int:
@@ -54,14 +56,14 @@ class _Images(torch.utils.data.Dataset):
         item = self.items[i]
         if self.encoded:
             found = device_jpeg(item.path, self.max_pixels)
-            if found is not None:
-                return Loaded(item, size=found[1], jpeg=found[0])
+            if found is not None and (self.fits is None or self.fits(found[1][1], found[1][0]) is None):
+                return Loaded(item, size=found[1], jpeg=found[0])  # else the CPU path reports it
         return self.decode(item)
 
     def decode(self, item: ImageItem) -> Loaded:
         """The CPU path: PIL decodes, the tensor is resized here."""
         try:
-            rgb = load_image(item.path, self.max_pixels)
+            rgb = load_image(item.path, self.max_pixels, self.fits)
         except ImageError as e:
             return Loaded(item, error=e.reason, shown_path=e.path)
         size = (int(rgb.shape[0]), int(rgb.shape[1]))
@@ -96,19 +98,21 @@ def decode_device(choice: str, device: torch.device) -> torch.device | None:
 
 def load_images(items: Sequence[ImageItem], protocol: Protocol, mean, std, max_pixels: int,
                 keep_rgb: bool = False, workers: int = 0, pin_memory: bool = False,
-                prefetch: int = 4, decode_on: torch.device | None = None,
-                decode_batch: int = 32) -> Iterator[Loaded]:
+                prefetch: int = 4, decode_on: torch.device | None = None, decode_batch: int = 32,
+                fits: Callable[[int, int], str | None] | None = None) -> Iterator[Loaded]:
     """Yield a ``Loaded`` per item, in order; with ``workers`` > 0 up to ``workers * prefetch``
     images are decoded ahead. With ``decode_on``, plain JPEGs are decoded there, ``decode_batch``
-    at a time, and their tensors are on that device (not with the TTA protocol, which takes pixels)."""
+    at a time, and their tensors are on that device (not with the TTA protocol, which takes pixels).
+    ``fits(width, height)`` may refuse an image from its header (``images.load_image``)."""
     encoded = decode_on is not None and not protocol.tta
-    dataset = _Images(items, protocol, mean, std, max_pixels, keep_rgb, encoded)
+    dataset = _Images(items, protocol, mean, std, max_pixels, keep_rgb, encoded, fits)
     if workers <= 0 or len(dataset) <= 1:
         loaded: Iterator[Loaded] = (dataset[i] for i in range(len(dataset)))
     else:
         loaded = iter(torch.utils.data.DataLoader(
             dataset, batch_size=None, shuffle=False, num_workers=min(workers, len(dataset)),
-            collate_fn=_identity, pin_memory=pin_memory, prefetch_factor=prefetch))
+            collate_fn=_identity, pin_memory=pin_memory, prefetch_factor=prefetch,
+            worker_init_fn=leave_signals_to_parent))
     if not encoded:
         yield from loaded
         return

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import UsageError
 from .labelset import LabelSet
 from .models.base import Segmenter
 
@@ -50,17 +51,56 @@ class Prediction:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA, else MPS, else the CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``; a device
+    this machine does not have is a ``UsageError``, before any model is built for it."""
+    mps = getattr(torch.backends, "mps", None)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if mps and mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("--device mps: MPS is not available")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device {name}: not a device (choose auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise UsageError(f"--device {name}: no CUDA device is available here")
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        return device
+    backend = mps if device.type == "mps" else getattr(torch, device.type, None)
+    if backend is not None and getattr(backend, "is_available", lambda: False)():
+        return device
+    raise UsageError(f"--device {name}: not available here (choose auto, cpu, cuda, cuda:N or mps)")
+
+
+def check_protocol_options(protocol: Protocol, max_pixels: int | None = None) -> None:
+    """Refuse a protocol no model can run, or one that would resize every image to more pixels
+    than ``max_pixels`` (an allocation that cannot succeed), before a model is loaded."""
+    for flag, value, least in (("--short-side", protocol.short_side, 1), ("--max-long-side", protocol.max_long_side, 0),
+                               ("--window", protocol.window, 0), ("--window-stride", protocol.window_stride, 0)):
+        if value < least:
+            raise UsageError(f"{flag} {value}: must be at least {least}")
+    if protocol.pamr and protocol.tta:
+        raise UsageError("PAMR refines a single-scale prediction: give --pamr or --tta, not both")
+    if protocol.tta and protocol.window:
+        raise UsageError("--tta and --window are two different protocols: give one")
+    side = min(protocol.short_side, protocol.max_long_side or protocol.short_side)
+    if max_pixels is not None and not protocol.tta and side * side > max_pixels:
+        raise UsageError(f"--short-side {protocol.short_side}: every image would be resized to at least "
+                         f"{side}x{side} = {side * side} pixels, more than --max-pixels {max_pixels}")
+
+
+def check_protocol(protocol: Protocol, segmenter: Segmenter) -> None:
+    """Refuse a protocol the segmenter cannot run (before anything is written)."""
+    check_protocol_options(protocol)
+    if protocol.window and protocol.window % segmenter.pad_to:
+        raise UsageError(f"--window {protocol.window} must be a multiple of {segmenter.pad_to} for this model")
 
 
 def resized_size(height: int, width: int, protocol: Protocol) -> tuple[int, int]:
@@ -114,10 +154,7 @@ class Predictor:
 
     def __init__(self, segmenter: Segmenter, protocol: Protocol = Protocol(), batch_size: int = 1) -> None:
         protocol = resolve_protocol(protocol, segmenter)
-        if protocol.pamr and protocol.tta:
-            raise ValueError("PAMR refines a single-scale prediction: give --pamr or --tta, not both")
-        if protocol.window and protocol.window % segmenter.pad_to:
-            raise ValueError(f"--window {protocol.window} must be a multiple of {segmenter.pad_to} for this model")
+        check_protocol(protocol, segmenter)
         self.model = segmenter.eval()
         self.protocol = protocol
         self.batch_size = max(1, batch_size)

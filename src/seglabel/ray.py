@@ -15,45 +15,50 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from .annotate import AnnotateConfig, annotate
+from .errors import UsageError
 from .images import ImageItem, find_images
-from .labelset import load_labelset
-from .models.registry import DEFAULT_MODEL, load_segmenter
-from .predict import Protocol, resolve_device
+from .models.registry import DEFAULT_MODEL
+from .predict import Protocol
+from .recipe import Recipe, prepare
 
 
-def list_images(inputs: Sequence[str | Path]) -> list[dict[str, str]]:
-    """Rows ``{"path", "rel"}`` for ``ray.data.from_items``, found as the CLI finds them; inputs
-    that cannot be used raise (one line per problem)."""
-    found = find_images([Path(p) for p in inputs])
+def list_images(inputs: Sequence[str | Path], root: str | Path | None = None) -> list[dict[str, str]]:
+    """Rows ``{"path", "rel"}`` for ``ray.data.from_items``, found as the CLI finds them (``root``
+    as ``--root``); inputs that cannot be used raise (one line per problem)."""
+    found = find_images([Path(p) for p in inputs], root=root)
     if found.problems:
-        raise ValueError("; ".join(str(p) for p in found.problems))
+        raise UsageError("; ".join(str(p) for p in found.problems))
     return [{"path": str(item.path), "rel": item.rel} for item in found.items]
 
 
 class Annotator:
-    """A callable class for ``Dataset.map_batches``: builds the segmenter once, then labels each
-    batch of rows (columns ``path`` and ``rel``) into ``out``."""
+    """A callable class for ``Dataset.map_batches``: builds the segmenter once (through the same
+    checks and recipe as ``seglabel annotate``), then labels each batch of rows (columns ``path``
+    and ``rel``) into ``out``. ``options``: further ``Recipe`` fields (``method``, ``model_config``,
+    ``key_smoothing``...) and options of the model's builder."""
 
     def __init__(self, out: str | Path, labels: str | Path, model: str = DEFAULT_MODEL,
                  pretrained: str | None = "openai", device: str = "auto", protocol: Protocol | None = None,
                  batch_size: int = 1, overlay: bool = False, save_scores: bool = False,
-                 min_confidence: float | None = None, **model_options: Any) -> None:
-        self.labelset = load_labelset(labels)
-        self.segmenter = load_segmenter(model, self.labelset, pretrained=pretrained, device=resolve_device(device),
-                                        **model_options)
-        self.config = AnnotateConfig(
+                 min_confidence: float | None = None, **options: Any) -> None:
+        config = AnnotateConfig(
             out=Path(out), batch_size=batch_size, overlay=overlay, save_scores=save_scores,
             min_confidence=min_confidence, protocol=protocol or Protocol(),
             workers=0,  # Ray already runs the actors in parallel; decode in the actor
             part=f"ray-{socket.gethostname()}-{os.getpid()}")
-
+        known = {f.name for f in fields(Recipe)}
+        recipe = Recipe(labels=labels, config=config, model=model, pretrained=pretrained, device=device,
+                        **{k: v for k, v in options.items() if k in known},
+                        model_options={k: v for k, v in options.items() if k not in known})
+        ready = prepare(recipe)
+        self.labelset, self.segmenter, self.config = ready.labelset, ready.segmenter, ready.config
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [ImageItem(Path(str(p)), str(r)) for p, r in zip(batch["path"], batch["rel"])]
         status = {item.key: "skipped" for item in items}  # what annotate reports no outcome for was done before

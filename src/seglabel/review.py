@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from .exports.run_output import ImageEntry, RunOutput, load_rgb, read_mask, read_output
+from .errors import UsageError
 from .labelset import LabelSet
 from .writers import RECORDS, write_bytes, write_json
 
@@ -42,7 +43,7 @@ def build_preview(out: str | Path, image_roots: Sequence[str | Path] = (), per_p
                   thumb_size: int = 320, jobs: int = 1) -> PreviewResult:
     """Draw what is not up to date (in ``jobs`` processes; 0 = one per CPU) and write the pages."""
     if per_page < 1:
-        raise ValueError(f"per_page must be at least 1, got {per_page}")
+        raise UsageError(f"per_page must be at least 1, got {per_page}")
     run = read_output(out, image_roots)
     folder = run.out / PREVIEW
     state_file = folder / "rendered.json"

@@ -1,4 +1,4 @@
-"""Several runs, one output folder: shards, their run records, the lock, and the merge.
+"""Several runs, one output folder: shards, their run records, the lock, the settings check.
 
 A whole run records itself in ``OUT/run.json`` and writes ``coco.json``. A part of a job (a
 shard ``I/N`` or a Ray actor) records itself in ``OUT/runs/<part>.json`` and leaves
@@ -6,10 +6,15 @@ shard ``I/N`` or a Ray actor) records itself in ``OUT/runs/<part>.json`` and lea
 Locks (``fcntl.flock`` on ``OUT/.lock``): a whole run or a merge holds it exclusively; parts
 hold it shared plus their own part lock exclusively, so shards run side by side but never
 twice, and never beside a whole run.
+
+Labels made with other settings never mix into one folder: the run records hold the settings,
+and every per-image record their fingerprint (``settings_id``), so deleting ``run.json`` does
+not let another command's labels in. Weights count by content (``checkpoints.content_id``).
 """
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -17,16 +22,80 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence, TypeVar
 
-from .writers import RUN_FILE
+from .checkpoints import content_id
+from .errors import UsageError
+from .layout import RECORDS, RUN_FILE, RUNS
 
-RUNS = "runs"
 LOCK_FILE = ".lock"
 _SHARD = re.compile(r"^shard-(\d+)-of-(\d+)$")
 T = TypeVar("T")
 
 
-class RunError(ValueError):
+class RunError(UsageError):
     """The output folder cannot be used as asked (busy, or shards missing for a merge)."""
+
+
+class SettingsMismatch(UsageError):
+    """``--out`` holds labels made with other settings; mixing them would corrupt the set."""
+
+
+def model_identity(spec: str, pretrained: str | None) -> dict[str, Any]:
+    """The model and weights as the settings know them: files by content, tags by name. A model
+    kind whose spec names a file (``lseg:FILE``, ``student:FILE``) is known by that file."""
+    kind, _, what = spec.partition(":")
+    if what and os.path.isfile(what):
+        return {"model": f"{kind}:{_content(what)}", "weights": _content(what)}
+    return {"model": spec, "weights": _content(pretrained) if pretrained and os.path.isfile(pretrained) else pretrained}
+
+
+def _content(path: str) -> str:
+    try:
+        return content_id(path)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+
+
+def settings_id(settings: Mapping[str, Any]) -> str:
+    """A short fingerprint of the settings; every per-image record carries it."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_settings(out: Path, settings: Mapping[str, Any], per_image: bool = True) -> None:
+    """Refuse to mix labels made with other settings into ``out`` (whole runs and shards alike).
+
+    The run records are compared on the keys of ``settings`` (a dry run knows only some); with
+    ``per_image``, so is the ``settings_id`` of every per-image record (a record starts with it)."""
+    settings = json.loads(json.dumps(settings))  # as stored: tuples become lists
+    for _, record in read_records(out):
+        previous = record.get("settings")
+        if previous:
+            changed = sorted(k for k in settings if previous.get(k) != settings[k])
+            if changed:
+                raise SettingsMismatch(
+                    f"{out}: holds labels made with other settings (changed: {', '.join(changed)}); "
+                    f"use another --out, or delete {out} to start over")
+    if not per_image:
+        return
+    expected = settings_id(settings)
+    for folder, dirs, files in os.walk(out / RECORDS):
+        for name in files:
+            if name.endswith(".json") and not name.startswith("."):
+                found = _record_settings_id(os.path.join(folder, name))
+                if found not in (None, expected):
+                    raise SettingsMismatch(
+                        f"{out}: {os.path.relpath(os.path.join(folder, name), out)} was labelled with other "
+                        f"settings (settings {found}, this command's {expected}); use another --out, "
+                        f"or delete {out} to start over")
+
+
+def _record_settings_id(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(200)
+    except OSError:
+        return None
+    m = re.search(rb'"settings_id": "([0-9a-f]+)"', head)
+    return m[1].decode() if m else None  # records older than the fingerprint: the run records decide
 
 
 def parse_shard(text: str | None, env: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
@@ -35,12 +104,24 @@ def parse_shard(text: str | None, env: Mapping[str, str] = os.environ) -> tuple[
     if text is None:
         if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
             return None
-        index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        text = f"{index}/{env['SLURM_ARRAY_TASK_COUNT']}"
+        names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT")
+        task, low, count = (_env_int(env, name) for name in names)
+        if not 0 <= task - low < count:
+            shown = ", ".join(f"{n}={env.get(n, '0')}" for n in names)
+            raise UsageError(f"the Slurm array ({shown}) gives no shard I/N with 0 <= I < N; pass --shard I/N")
+        return task - low, count
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
     if not m or not int(m[1]) < int(m[2]):
-        raise ValueError(f"--shard '{text}' must be I/N with 0 <= I < N (e.g. 0/8)")
+        raise UsageError(f"--shard '{text}' must be I/N with 0 <= I < N (e.g. 0/8)")
     return int(m[1]), int(m[2])
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int:
+    value = env.get(name, "0")
+    if not re.fullmatch(r"\s*\d+\s*", value):
+        raise UsageError(f"environment variable {name}={value!r} is not a whole number "
+                         f"(seglabel reads it for --shard); fix it, or pass --shard I/N")
+    return int(value)
 
 
 def select_shard(items: Sequence[T], shard: tuple[int, int] | None) -> list[T]:

@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .checkpoints import cache_dir, content_id
 from .labelset import LabelSet
 
 # MaskCLIP adds these five scene templates to the 80 ImageNet templates of CLIP.
@@ -75,19 +76,19 @@ def class_max(prompt_scores: torch.Tensor, prompt_class: Sequence[int], num_clas
 # Encoding 85 templates x classes takes tens of seconds on a CPU; reruns and shards of one job
 # read the result instead. The key covers everything that decides the embeddings.
 def text_cache_dir() -> Path | None:
-    """``$SEGLABEL_TEXT_CACHE`` (``off`` disables), else ``$XDG_CACHE_HOME/seglabel/text``."""
+    """``$SEGLABEL_TEXT_CACHE`` (``off`` disables), else ``text`` in seglabel's cache folder."""
     env = os.environ.get("SEGLABEL_TEXT_CACHE")
     if env is not None:
         return None if env.strip().lower() in ("", "off", "0", "none") else Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seglabel" / "text"
+    folder = cache_dir()
+    return None if folder is None else folder / "text"
 
 
 def weights_identity(path_or_tag: str | None) -> Any:
-    """A local weights file is known by path, size and mtime (hashing gigabytes would take
-    longer than encoding); anything else (a pretrained tag) by its name."""
+    """A local weights file is known by its content (``checkpoints.content_id``, hashed once per
+    file version); anything else (a pretrained tag) by its name."""
     if path_or_tag and os.path.isfile(path_or_tag):
-        st = os.stat(path_or_tag)
-        return [os.path.realpath(path_or_tag), st.st_size, st.st_mtime_ns]
+        return content_id(path_or_tag)
     return path_or_tag
 
 

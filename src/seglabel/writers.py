@@ -1,16 +1,21 @@
 """Everything annotate writes, each file atomically (temporary file in the same folder, then rename).
 
+Temporary files are named ``.<name>.seglabel-XXXXXXXX.tmp``; only such files, and only where
+annotate writes, are ever removed as left over from a killed run. Files are created with mode
+0666 less the umask, like any other tool's.
+
 Per image: ``masks/<key>.png`` (grayscale PNG of class indices), optional ``scores/<key>.png`` and
 ``overlays/<key>.jpg``, and last ``records/<key>.json`` (size, confidence, COCO RLE of each
-class). A record on disk means the image is done. ``coco.json`` is assembled from the records,
-streamed, so memory does not grow with the number of images.
+class), written last. ``coco.json`` is assembled from the records, streamed, so memory does not
+grow with the number of images. ``read_mask`` reads a mask back (preview, export).
 """
 from __future__ import annotations
 
 import io
 import json
 import os
-import tempfile
+import re
+import secrets
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -20,17 +25,34 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from PIL import Image
 
+from .errors import SeglabelError, UsageError
 from .labelset import LabelSet
+from .layout import COCO_FILE, MASKS, OVERLAYS, PER_IMAGE, RECORDS, RUN_FILE, RUNS, SCORES  # noqa: F401 - also writers'
 
 IGNORE_COLOR = (224, 224, 192)  # the PASCAL VOC colour of its 255 "void" pixels
 
-MASKS, SCORES, OVERLAYS, RECORDS = "masks", "scores", "overlays", "records"
-PER_IMAGE = (MASKS, SCORES, OVERLAYS, RECORDS)
-COCO_FILE, RUN_FILE = "coco.json", "run.json"
 
-
-class OutputError(OSError):
+class OutputError(SeglabelError, OSError):
     """A file that could not be written; one line naming the path."""
+
+
+class OutputFolderError(UsageError):
+    """An output folder that cannot be read back (reviewed, exported); one line naming the file."""
+
+
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.seglabel-[0-9a-f]{8}\.tmp$")
+
+
+def _create_temporary(path: Path) -> str:
+    """An empty new file ``.<name>.seglabel-XXXXXXXX.tmp`` beside ``path``, mode 0666 less the umask
+    (``mkstemp`` would make it 0600, and the rename would keep that)."""
+    while True:
+        tmp = path.parent / f".{path.name}.seglabel-{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return str(tmp)
+        except FileExistsError:
+            continue
 
 
 @contextmanager
@@ -39,8 +61,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        tmp = _create_temporary(path)
     except OSError as e:
         raise OutputError(f"{path}: cannot write ({e.strerror or e})") from None
     try:
@@ -54,6 +75,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def check_output_folder(out: str | Path) -> None:
+    """``out`` is, or can be made as, a folder this process may write in (checked before a
+    command writes anything)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: no permission to write in {existing}")
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
@@ -62,9 +98,14 @@ def write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(f.fileno())
 
 
+def to_json(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON: NaN and infinities are refused (``ValueError``), not written as invalid JSON."""
+    return json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     # backslashreplace: a file name that is not UTF-8 (surrogate-escaped) stays readable JSON
-    write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace"))
+    write_bytes(path, (to_json(obj, indent=2) + "\n").encode("utf-8", "backslashreplace"))
 
 
 def _remove(path: str | Path) -> None:
@@ -74,15 +115,30 @@ def _remove(path: str | Path) -> None:
         pass
 
 
+def temporary_target(name: str) -> str | None:
+    """The file a temporary of ours stands in for (``.a.png.seglabel-0f3a9c1e.tmp`` -> ``a.png``);
+    None for any other name, which is never ours to remove."""
+    m = _TEMPORARY.match(name)
+    return m["target"] if m else None
+
+
 def remove_stale_temporaries(out: str | Path, owned: Callable[[Path], bool] | None = None) -> int:
-    """Temporary files an interrupted run left behind (``.name.XXXX.tmp``). With ``owned``, only
-    those whose target file it accepts: a shard must not delete another shard's files in flight."""
+    """Our temporary files that an interrupted run left where annotate writes: ``coco.json``,
+    ``run.json``, ``runs/`` and the per-image folders (the rest of ``out`` may be the user's input
+    folder and is not looked at). With ``owned``, only those whose target file it accepts: a shard
+    must not delete another shard's files in flight."""
+    out = Path(out)
+    folders = [(out, False), (out / RUNS, False)] + [(out / sub, True) for sub in PER_IMAGE]
     n = 0
-    for folder, _, files in os.walk(out):
-        for name in files:
-            if name.startswith(".") and name.endswith(".tmp"):
-                target = Path(folder) / name[1:].rsplit(".", 2)[0]
-                if owned is None or owned(target):
+    for top, recursive in folders:
+        for folder, dirs, files in os.walk(top):
+            if not recursive:
+                dirs[:] = []
+            for name in files:
+                target = temporary_target(name)
+                if target is None or (folder == str(out) and target not in (COCO_FILE, RUN_FILE)):
+                    continue
+                if owned is None or owned(Path(folder) / target):
                     _remove(os.path.join(folder, name))
                     n += 1
     return n
@@ -99,6 +155,20 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False)
     return buf.getvalue()
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Class indices (H, W) of a mask: uint8 with 255 = ignore, or uint16 with 65535 = ignore.
+
+    Palette and grayscale PNGs both give indices through PIL (unlike OpenCV)."""
+    try:
+        with Image.open(path) as img:
+            mask = np.asarray(img)
+    except (OSError, ValueError) as e:
+        raise OutputFolderError(f"{path}: unreadable mask ({e})") from None
+    if mask.ndim != 2:
+        raise OutputFolderError(f"{path}: not a single-channel mask (shape {mask.shape})")
+    return mask.astype(np.uint16) if mask.dtype not in (np.uint8, np.uint16) else mask
 
 
 def encode_scores_png(confidence: np.ndarray) -> bytes:
@@ -205,21 +275,20 @@ def write_coco(out: str | Path, labelset: LabelSet, info: dict[str, Any] | None 
     out = Path(out)
     records = list(iter_records(out))  # paths only; each record is read when written
     with atomic_path(out / COCO_FILE) as tmp, open(tmp, "w", encoding="utf-8", errors="backslashreplace") as f:
-        f.write('{\n"info": ' + json.dumps(info or {}, ensure_ascii=False))
-        f.write(',\n"categories": ' + json.dumps(coco_categories(labelset), ensure_ascii=False))
+        f.write('{\n"info": ' + to_json(info or {}))
+        f.write(',\n"categories": ' + to_json(coco_categories(labelset)))
         f.write(',\n"images": [')
         for image_id, (_, path) in enumerate(records, start=1):
             rec = _read_record(path)
             entry = {"id": image_id, "file_name": rec["file_name"], "width": rec["width"],
                      "height": rec["height"], "confidence": rec.get("confidence")}
-            f.write(("\n" if image_id == 1 else ",\n") + json.dumps(entry, ensure_ascii=False))
+            f.write(("\n" if image_id == 1 else ",\n") + to_json(entry))
         f.write('\n],\n"annotations": [')
         ann_id = 0
         for image_id, (_, path) in enumerate(records, start=1):
             for ann in _read_record(path)["annotations"]:
                 ann_id += 1
-                f.write(("\n" if ann_id == 1 else ",\n")
-                        + json.dumps({"id": ann_id, "image_id": image_id, **ann}, ensure_ascii=False))
+                f.write(("\n" if ann_id == 1 else ",\n") + to_json({"id": ann_id, "image_id": image_id, **ann}))
         f.write("\n]\n}\n")
         f.flush()
         os.fsync(f.fileno())

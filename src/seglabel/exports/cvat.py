@@ -21,8 +21,8 @@ from typing import Callable
 import numpy as np
 
 from ..labelset import labelmap_problem
-from ..writers import COCO_FILE, atomic_path, write_json
-from .run_output import OutputFolderError, RunOutput, encode_index_png
+from ..writers import COCO_FILE, atomic_path, encode_mask_png, write_json
+from .run_output import OutputFolderError, RunOutput
 
 MASK_ZIP, COCO_ZIP, LABELS_JSON = "segmentation_mask_1.1.zip", "coco_1.0.zip", "cvat_labels.json"
 IGNORE_COLOR = (224, 224, 192)  # PASCAL VOC's "void"
@@ -73,7 +73,7 @@ def _write_mask_zip(run: RunOutput, path: Path, labels, on_image) -> None:
             out = mask.astype(np.uint8)  # fewer than 256 labels: ids fit
             out[mask == run.labelset.ignore_index] = ignore_id
             # PNGs are compressed already; stored, not deflated again
-            z.writestr(zipfile.ZipInfo(f"SegmentationClass/{e.key}.png", (1980, 1, 1, 0, 0, 0)), encode_index_png(out))
+            z.writestr(zipfile.ZipInfo(f"SegmentationClass/{e.key}.png", (1980, 1, 1, 0, 0, 0)), encode_mask_png(out))
             on_image and on_image()
 
 

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from ..writers import write_bytes, write_json
-from .run_output import OutputFolderError, RunOutput, encode_index_png
+from ..writers import encode_mask_png, write_bytes, write_json
+from .run_output import OutputFolderError, RunOutput
 
 LOADER = "load.py"
 
@@ -29,7 +29,7 @@ def write_fiftyone(run: RunOutput, dest: Path, on_image: Callable[[], None] | No
         path = os.path.normpath(os.path.abspath(photo))
         data[e.file_name] = path
         confidence[path] = e.confidence
-        write_bytes(dest / "labels" / f"{e.key}.png", encode_index_png(run.read_mask(e)))
+        write_bytes(dest / "labels" / f"{e.key}.png", encode_mask_png(run.read_mask(e)))
         on_image and on_image()
     if not data:
         raise OutputFolderError(f"{run.out}: none of the {len(run.entries)} photos were found (first: "

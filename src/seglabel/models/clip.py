@@ -17,11 +17,12 @@ from typing import Any
 import torch
 
 from ..checkpoints import CheckpointError, load_weights, state_dict_of
+from ..errors import UsageError
 
 _HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(UsageError):
     """Weights that cannot be had here; the message says how to supply them."""
 
 
@@ -33,9 +34,9 @@ def register_model_config(path: str | Path) -> str:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable model config ({e})") from None
+        raise UsageError(f"{path}: not a readable model config ({e})") from None
     if not isinstance(cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= cfg.keys():
-        raise ValueError(f"{path}: an open_clip model config needs embed_dim, vision_cfg and text_cfg")
+        raise UsageError(f"{path}: an open_clip model config needs embed_dim, vision_cfg and text_cfg")
     open_clip.add_model_config(path)
     return path.stem
 
@@ -48,7 +49,7 @@ def create_clip(name: str, pretrained: str | None = "openai", cache_dir: str | N
     import open_clip
 
     if open_clip.get_model_config(name) is None:
-        raise ValueError(f"unknown open_clip model '{name}' (see `seglabel models`, or pass --model-config FILE.json)")
+        raise UsageError(f"unknown open_clip model '{name}' (see `seglabel models`, or pass --model-config FILE.json)")
     info: dict[str, Any] = {"model": name, "pretrained": pretrained}
     quick_gelu = False
     weights_file: str | None = None

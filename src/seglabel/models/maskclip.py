@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
 from ..labelset import LabelSet
 from ..refine import key_smoothing, prompt_denoising
 from ..text import cached_text_embeddings, class_max, encode_prompts, labelset_templates
@@ -54,22 +55,22 @@ class MaskCLIP(Segmenter):
         if isinstance(visual, VisionTransformer):
             last = visual.transformer.resblocks[-1]
             if not isinstance(last, ResidualAttentionBlock) or not isinstance(last.attn, nn.MultiheadAttention):
-                raise ValueError("MaskCLIP needs standard attention blocks (nn.MultiheadAttention) in the ViT")
+                raise UsageError("MaskCLIP needs standard attention blocks (nn.MultiheadAttention) in the ViT")
             if visual.attn_pool is not None or visual.proj is None:
-                raise ValueError("MaskCLIP needs a ViT with a class token and a projection (no attentional pool)")
+                raise UsageError("MaskCLIP needs a ViT with a class token and a projection (no attentional pool)")
             self.tower = "vit"
             self.stride = visual.patch_size[0]
         elif isinstance(visual, ModifiedResNet):
             self.tower = "resnet"
             self.stride = 32
         else:
-            raise ValueError(f"MaskCLIP supports open_clip ViT and ModifiedResNet image towers, not {type(visual).__name__}")
+            raise UsageError(f"MaskCLIP supports open_clip ViT and ModifiedResNet image towers, not {type(visual).__name__}")
         self.method = tf.check_method(method)
         if method in tf.VFM_METHODS and not hasattr(self, "vfm_method"):
             raise ValueError(f"method {method} needs a second vision model: build it with "
                              f"load_segmenter(..., method='{method}', proxy=...)")
         if self.tower != "vit" and method != "maskclip":
-            raise ValueError(f"method {method} needs a ViT image tower; ResNet towers support maskclip only")
+            raise UsageError(f"method {method} needs a ViT image tower; ResNet towers support maskclip only")
         self.logit_scale = float(logit_scale or tf.LOGIT_SCALES[method])
         if self.method == "scclip":
             self.scclip_indices = tf.scclip_indices(len(visual.transformer.resblocks))

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
+
 METHODS = ("maskclip", "clearclip", "sclip", "naclip", "scclip")
 # Methods that also need a second vision model (models/proxyclip.py, models/corrclip.py).
 VFM_METHODS = ("proxyclip", "corrclip")
@@ -52,7 +54,7 @@ def default_method(tower: str) -> str:
 
 def check_method(method: str) -> str:
     if method not in METHODS + VFM_METHODS:
-        raise ValueError(f"unknown method '{method}' (known: {', '.join(METHODS + VFM_METHODS)})")
+        raise UsageError(f"unknown method '{method}' (known: {', '.join(METHODS + VFM_METHODS)})")
     return method
 
 
@@ -192,7 +194,7 @@ def scclip_indices(layers: int) -> dict[str, int]:
     get the same relative depths: index i -> round(i * (L - 2) / 10), the identity for L = 12.
     (A 4-block ViT: similarity 2, aggregation 1, sum 1..2.)"""
     if layers < 2:
-        raise ValueError("SC-CLIP needs a ViT with at least 2 blocks")
+        raise UsageError("SC-CLIP needs a ViT with at least 2 blocks")
     scale = (layers - 2) / 10
     return {name: min(layers - 2, int(math.floor(i * scale + 0.5))) for name, i in SCCLIP_INDICES_12.items()}
 

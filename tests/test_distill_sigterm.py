@@ -1,0 +1,48 @@
+"""``seglabel distill`` preempted (SIGTERM to its process group, as Slurm sends before SIGKILL):
+it saves ``last.pt`` at the iteration it reached, exits 143 with one line, and the same
+command resumes from there."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from test_distill_kill import distill_args, iteration_of, read_log  # noqa: F401 - distill_args is a fixture
+from test_runs import wait_for
+
+ITERS = 20
+
+
+@pytest.mark.slow
+def test_sigterm_saves_last_pt_and_the_rerun_resumes(tmp_path, distill_args):  # noqa: F811
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "seglabel", *distill_args(out, iters=ITERS), "--save-every", "1000",
+           "--workers", "1"]  # no periodic checkpoint: last.pt can only come from the SIGTERM
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with open(tmp_path / "stderr.txt", "w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        try:
+            wait_for(lambda: (out / "log.jsonl").is_file() and len(read_log(out / "log.jsonl")) >= 2, proc,
+                     "two logged iterations")
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        err.seek(0)
+        stderr = err.read()
+    assert proc.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "seglabel: error: terminated (SIGTERM); run the same command to resume"
+    assert not (out / "student.pt").exists()
+    saved = iteration_of(out / "last.pt")
+    assert 2 <= saved < ITERS
+
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from {out / 'last.pt'} at iteration {saved}/{ITERS}" in r.stderr
+    assert [rec["iter"] for rec in read_log(out / "log.jsonl")] == list(range(1, ITERS + 1))
+    assert iteration_of(out / "last.pt") == ITERS and (out / "student.pt").is_file()
