@@ -138,12 +138,16 @@ def _check_options(recipe: Recipe) -> None:
                                                   and 0 <= config.min_confidence <= 1):
         raise UsageError(f"--min-confidence {config.min_confidence}: must be a number from 0 to 1")
     if config.precision not in PRECISIONS:
-        raise UsageError(f"--precision {config.precision}: choose {', '.join(PRECISIONS)}")
+        raise UsageError(f"--precision {config.precision}: choose {_one_of(PRECISIONS)}")
     if config.decode not in DECODE_CHOICES:
-        raise UsageError(f"--decode {config.decode}: choose {', '.join(DECODE_CHOICES)}")
+        raise UsageError(f"--decode {config.decode}: choose {_one_of(DECODE_CHOICES)}")
     if recipe.protocol_name not in ("default", "paper"):
         raise UsageError(f"--protocol {recipe.protocol_name}: choose default or paper")
     check_protocol_options(config.protocol, config.max_pixels)
+
+
+def _one_of(choices: Sequence[str]) -> str:
+    return ", ".join(choices[:-1]) + " or " + choices[-1]
 
 
 def _paper_protocol(method: str, given: Protocol, explicit: frozenset[str]) -> Protocol:
