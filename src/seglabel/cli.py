@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
@@ -20,65 +20,108 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 labelsets_app = typer.Typer(no_args_is_help=True, help="Validate label set files.")
 app.add_typer(labelsets_app, name="labelsets")
 
+# Help panels of annotate and distill: what a user looks for first comes first.
+INPUTS, MODEL, PROTOCOL, OUTPUTS, RUN = "Inputs", "Model", "Protocol", "Outputs", "Run"
+
+
+def option(default: Any, *names: str, help: str, panel: str | None = None, metavar: str | None = None) -> Any:
+    return typer.Option(default, *names, help=help, rich_help_panel=panel, metavar=metavar)
+
+
+def flag(*names: str, help: str, panel: str | None = None) -> Any:
+    """An on/off switch: shown without a value type, and refused with one (``--overlay true``)."""
+    return typer.Option(False, *names, help=help, rich_help_panel=panel, metavar="", show_default=False)
+
+
+def _version(show: bool) -> None:
+    if show:
+        from . import __version__
+
+        typer.echo(f"seglabel {__version__}")
+        raise typer.Exit(exitcodes.OK)
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, metavar="",
+                                       help="Print the version and exit.")) -> None:
+    """Per-pixel labels for folders of images with open-vocabulary segmenters."""
+
 
 @app.command()
 @guarded
 def annotate(
     ctx: typer.Context,
-    inputs: List[Path] = typer.Argument(None, help="Image files and folders (walked recursively)."),
-    labels: Path = typer.Option(..., "--labels", "-l", help="Label set YAML."),
-    out: Path = typer.Option(Path("labels"), "--out", "-o", help="Output folder."),
-    from_list: Optional[str] = typer.Option(None, "--from-list", help="File with one image path per line "
-                                            "(# starts a comment); - for stdin."),
-    root: Optional[Path] = typer.Option(None, "--root", help="Output paths are relative to this folder (list "
-                                        "entries too); without it a listed file mirrors its absolute path."),
-    model: str = typer.Option("maskclip:ViT-B-16", "--model", "-m", help="KIND:NAME, e.g. maskclip:ViT-B-16, maskclip:RN50."),
-    pretrained: str = typer.Option("openai", "--pretrained", help="open_clip pretrained tag or a local weights file."),
-    model_config: Optional[Path] = typer.Option(None, "--model-config", help="open_clip model config JSON to register."),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Weights cache (default: the Hugging Face cache)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Images (or windows) per forward pass."),
-    short_side: int = typer.Option(512, "--short-side", help="Resize so the short side is this."),
-    max_long_side: int = typer.Option(2048, "--max-long-side", help="...unless the long side exceeds this (0: no cap)."),
-    window: int = typer.Option(0, "--window", help="Sliding-window size in resized pixels (0: whole image)."),
-    window_stride: int = typer.Option(0, "--window-stride", help="Sliding-window stride (0: half the window)."),
-    tta: bool = typer.Option(False, "--tta", help="LSeg's official multi-scale + flip + 480 sliding window (slow)."),
-    method: Optional[str] = typer.Option(None, "--method", help="Training-free method of maskclip:NAME models: "
-                                         "maskclip, clearclip, sclip, naclip, scclip, or with a second "
-                                         "vision model proxyclip or corrclip (all but maskclip: ViT only; "
-                                         "default: sclip on ViTs, maskclip on ResNets)."),
-    proxy: Optional[str] = typer.Option(None, "--proxy", help="Second model of proxyclip/corrclip: dino:vitb8 "
-                                        "(default), dinov2:vitb14-reg, sam:vitb, mae:vitb, ... or clip."),
-    proxy_weights: Optional[str] = typer.Option(None, "--proxy-weights", help="Local weights file of --proxy "
-                                                "(default: the torch hub / Hugging Face cache)."),
-    regions: Optional[str] = typer.Option(None, "--regions", help="Regions of corrclip: sam2:FILE, sam:FILE "
-                                          "or slic[:N] (superpixels, no weights)."),
-    pamr: bool = typer.Option(False, "--pamr", help="Refine the upsampled logits with PAMR (NACLIP's option)."),
-    protocol_name: str = typer.Option("default", "--protocol", help="default (short side 512, whole image) or "
-                                      "paper (the method's own; --short-side/--window given too win)."),
-    logit_scale: Optional[float] = typer.Option(None, "--logit-scale", help="Softmax scale of the "
-                                                "confidence (default: the method's: 100, ClearCLIP 50, others 40)."),
-    key_smoothing: Optional[bool] = typer.Option(None, "--key-smoothing/--no-key-smoothing",
-                                                 help="MaskCLIP key smoothing (default: on for --method maskclip)."),
-    prompt_denoising: Optional[bool] = typer.Option(None, "--prompt-denoising/--no-prompt-denoising",
-                                                    help="MaskCLIP prompt denoising (default: on for --method maskclip)."),
-    min_confidence: Optional[float] = typer.Option(None, "--min-confidence",
-                                                   help="Pixels less confident than this (0 to 1) are written as 255."),
-    overlay: bool = typer.Option(False, "--overlay", help="Also write colour overlays (overlays/*.jpg)."),
-    save_scores: bool = typer.Option(False, "--save-scores", help="Also write per-pixel confidence (scores/*.png)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Relabel images that are already done."),
-    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: label every N-th input from the I-th "
-                                        "(default: a Slurm array's task id/count); then `seglabel merge OUT`."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Image loader processes (default: none on a CPU, up to 8 on a GPU)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16 (autocast around the model)."),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model (long GPU runs)."),
-    decode: str = typer.Option("auto", "--decode", help="Where JPEGs are decoded: auto (on the GPU when annotating "
-                               "on one), cpu, or device (the model's device)."),
-    max_pixels: int = typer.Option(178_956_970, "--max-pixels", help="Refuse images with more pixels."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Make every check a run makes before loading the "
-                                 "model (settings, image headers); list what would be done; write nothing."),
-    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr."),
+    inputs: List[Path] = typer.Argument(None, help="Image files and folders (walked recursively).", show_default=False),
+    # -- inputs
+    labels: Path = option(..., "--labels", "-l", panel=INPUTS, help="Label set YAML (see labelsets/)."),
+    from_list: Optional[str] = option(None, "--from-list", panel=INPUTS, help="File with one image path per "
+                                      "line (# starts a comment); - for stdin."),
+    root: Optional[Path] = option(None, "--root", panel=INPUTS, help="Output paths are relative to this folder "
+                                  "(list entries too); without it a listed file mirrors its absolute path."),
+    max_pixels: int = option(178_956_970, "--max-pixels", panel=INPUTS, help="Refuse images with more pixels."),
+    # -- model
+    model: str = option("maskclip:ViT-B-16", "--model", "-m", panel=MODEL, help="KIND:NAME: maskclip:ViT-B-16, "
+                        "maskclip:RN50, lseg:FILE.ckpt, student:FILE.pt (`seglabel models` lists them)."),
+    pretrained: str = option("openai", "--pretrained", panel=MODEL, help="open_clip pretrained tag or a local "
+                             "weights file (OpenAI weights in a file: use the -quickgelu model name)."),
+    model_config: Optional[Path] = option(None, "--model-config", panel=MODEL, help="open_clip model config JSON "
+                                          "to register."),
+    cache_dir: Optional[str] = option(None, "--cache-dir", panel=MODEL, help="Weights cache (default: the "
+                                      "Hugging Face cache)."),
+    method: Optional[str] = option(None, "--method", panel=MODEL, help="Training-free method of maskclip:NAME "
+                                   "models: maskclip, clearclip, sclip, naclip, scclip, or with a second vision "
+                                   "model proxyclip or corrclip (all but maskclip: ViT only; default: sclip on "
+                                   "ViTs, maskclip on ResNets)."),
+    proxy: Optional[str] = option(None, "--proxy", panel=MODEL, help="Second model of proxyclip/corrclip: "
+                                  "dino:vitb8 (default), dinov2:vitb14-reg, sam:vitb, mae:vitb, ... or clip."),
+    proxy_weights: Optional[str] = option(None, "--proxy-weights", panel=MODEL, help="Local weights file of "
+                                          "--proxy (default: the torch hub / Hugging Face cache)."),
+    regions: Optional[str] = option(None, "--regions", panel=MODEL, help="Regions of corrclip: sam2:FILE, "
+                                    "sam:FILE or slic[:N] (superpixels, no weights)."),
+    logit_scale: Optional[float] = option(None, "--logit-scale", panel=MODEL, help="Softmax scale of the "
+                                          "confidence (default: the method's: 100, ClearCLIP 50, others 40)."),
+    key_smoothing: Optional[bool] = option(None, "--key-smoothing/--no-key-smoothing", panel=MODEL, metavar="",
+                                           help="MaskCLIP key smoothing (default: on for --method maskclip)."),
+    prompt_denoising: Optional[bool] = option(None, "--prompt-denoising/--no-prompt-denoising", panel=MODEL,
+                                              metavar="", help="MaskCLIP prompt denoising (default: on for "
+                                              "--method maskclip)."),
+    # -- protocol
+    protocol_name: str = option("default", "--protocol", panel=PROTOCOL, help="default (short side 512, whole "
+                                "image) or paper (the method's own; --short-side/--window given too win)."),
+    short_side: int = option(512, "--short-side", panel=PROTOCOL, help="Resize so the short side is this."),
+    max_long_side: int = option(2048, "--max-long-side", panel=PROTOCOL, help="...unless the long side exceeds "
+                                "this (0: no cap)."),
+    window: int = option(0, "--window", panel=PROTOCOL, help="Sliding-window size in resized pixels (0: whole "
+                         "image)."),
+    window_stride: int = option(0, "--window-stride", panel=PROTOCOL, help="Sliding-window stride (0: half the "
+                                "window)."),
+    tta: bool = flag("--tta", panel=PROTOCOL, help="LSeg's official multi-scale + flip + 480 sliding window "
+                     "(slow)."),
+    pamr: bool = flag("--pamr", panel=PROTOCOL, help="Refine the upsampled logits with PAMR (NACLIP's option)."),
+    # -- outputs
+    out: Path = option(Path("labels"), "--out", "-o", panel=OUTPUTS, help="Output folder."),
+    min_confidence: Optional[float] = option(None, "--min-confidence", panel=OUTPUTS, help="Pixels less "
+                                             "confident than this (0 to 1) are written as 255."),
+    overlay: bool = flag("--overlay", panel=OUTPUTS, help="Also write colour overlays (overlays/*.jpg)."),
+    save_scores: bool = flag("--save-scores", panel=OUTPUTS, help="Also write per-pixel confidence "
+                             "(scores/*.png)."),
+    overwrite: bool = flag("--overwrite", panel=OUTPUTS, help="Relabel images that are already done."),
+    # -- run
+    device: str = option("auto", "--device", panel=RUN, help="auto, cpu, cuda, cuda:N (the N-th GPU) or mps."),
+    batch_size: int = option(1, "--batch-size", panel=RUN, help="Images (or windows) per forward pass."),
+    precision: str = option("fp32", "--precision", panel=RUN, help="fp32, fp16 or bf16 (autocast around the "
+                            "model)."),
+    workers: Optional[int] = option(None, "--workers", panel=RUN, help="Image loader processes (default: none on "
+                                    "a CPU, up to 8 on a GPU)."),
+    decode: str = option("auto", "--decode", panel=RUN, help="Where JPEGs are decoded: auto (on the GPU when "
+                         "annotating on one), cpu, or device (the model's device)."),
+    compile_model: bool = flag("--compile", panel=RUN, help="torch.compile the model (long GPU runs)."),
+    shard: Optional[str] = option(None, "--shard", panel=RUN, help="I/N: label every N-th input from the I-th "
+                                  "(default: a Slurm array's task id/count); then `seglabel merge OUT`."),
+    dry_run: bool = flag("--dry-run", panel=RUN, help="Make every check a run makes before loading the model "
+                         "(settings, image headers); list what would be done; write nothing."),
+    as_json: bool = flag("--json", panel=RUN, help="Print a machine-readable summary on stdout."),
+    quiet: bool = flag("--quiet", "-q", panel=RUN, help="No progress bar or summary on stderr."),
 ) -> int:
     """Label every pixel of every image with the classes of a label set."""
     from .annotate import AnnotateConfig, annotate as run_annotate
@@ -143,7 +186,7 @@ def evaluate(
     gt: Path = typer.Option(..., "--gt", help="Folder of ground-truth mask PNGs (same relative paths)."),
     labels: Path = typer.Option(..., "--labels", "-l", help="Label set YAML the masks use."),
     id_map: Optional[Path] = typer.Option(None, "--id-map", help="YAML/JSON map: ground-truth id -> class index or name."),
-    as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON on stdout."),
+    as_json: bool = flag("--json", help="Print the scores as JSON on stdout."),
 ) -> int:
     """Score predicted masks against ground truth: per-class IoU, mIoU, pixel accuracy."""
     from .evaluate import evaluate_folders, load_id_map, render_table
@@ -181,12 +224,29 @@ def labelsets_check(files: List[Path] = typer.Argument(..., help="Label set YAML
 
 @app.command("models")
 @guarded
-def models() -> int:
-    """List the model specs --model accepts."""
-    from .models.registry import list_models
+def models(as_json: bool = flag("--json", help="Print the catalogue as JSON on stdout."),
+           every: bool = flag("--all", help="Also list architectures without pretrained weights.")) -> int:
+    """List what --model accepts: each kind with an example, and every maskclip architecture with
+    its pretrained tags (the one to use first)."""
+    from .models.registry import model_catalog
 
-    for spec in list_models():
-        typer.echo(spec)
+    catalog = model_catalog()
+    for kind in catalog:
+        if "models" in kind and not every:
+            kind["models"] = [m for m in kind["models"] if m["pretrained"]]
+    if as_json:
+        typer.echo(_json(catalog))
+        return exitcodes.OK
+    for kind in catalog:
+        typer.echo(f"{kind['spec']}: {kind['about']}")
+        typer.echo(f"  e.g. --model {kind['example']}")
+        for m in kind.get("models", []):
+            tags = [f"{t}*" if t == m["recommended"] else t for t in m["pretrained"]]
+            typer.echo(f"  {m['spec']:<36} {', '.join(tags) or '(no pretrained weights: --pretrained FILE)'}")
+    typer.echo("* recommended tag. With a tag, name the plain architecture (ViT-B-16): the tag sets the "
+               "activation its weights were trained with (QuickGELU for openai). For a weights FILE trained "
+               "with QuickGELU (OpenAI, MetaCLIP, DFN), name the -quickgelu architecture "
+               "(--model maskclip:ViT-B-16-quickgelu --pretrained FILE).")
     return exitcodes.OK
 
 
@@ -268,7 +328,7 @@ def preview(
     images: List[Path] = typer.Option([], "--images", help="Folder the photos were labelled from (if not where run.json says)."),
     per_page: int = typer.Option(100, "--per-page", min=1, help="Cards per HTML page."),
     jobs: int = typer.Option(0, "--jobs", "-j", min=0, help="Processes drawing overlays (0: one per CPU)."),
-    open_browser: bool = typer.Option(False, "--open", help="Open the contact sheet in the browser."),
+    open_browser: bool = flag("--open", help="Open the contact sheet in a web browser."),
 ) -> int:
     """Write OUT/preview/index.html: every image under its labels, least confident first."""
     import webbrowser
@@ -281,8 +341,9 @@ def preview(
                             f"{result.missing_photos[0]}); pass --images DIR"), err=True)
     typer.echo(f"{result.images} images on {result.pages} pages ({result.drawn} drawn) -> {result.index}", err=True)
     typer.echo(str(result.index))
-    if open_browser:
-        webbrowser.open(result.index.resolve().as_uri())
+    if open_browser and not webbrowser.open(result.index.resolve().as_uri()):
+        say(f"--open: no web browser found on this machine; open {result.index.resolve().as_uri()} in one "
+            f"(or copy {result.index.parent} to a machine that has one)", "warning")
     return exitcodes.OK
 
 
@@ -321,6 +382,7 @@ def run(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     terminate_like_ctrl_c()
     command = typer.main.get_command(app)
+    _help_as_a_flag(command)
     try:
         _refuse_values_of_flags(command, args)
         code = command.main(args=args, prog_name="seglabel", standalone_mode=False)
@@ -335,6 +397,15 @@ def run(argv: list[str] | None = None) -> int:
             raise
         return exit_code_of(e)
     return code if isinstance(code, int) else exitcodes.OK
+
+
+def _help_as_a_flag(command) -> None:
+    """``--help`` is listed without a value type, like the other flags."""
+    option = command.get_help_option(typer.Context(command))
+    if option is not None:
+        option.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _help_as_a_flag(sub)
 
 
 # click's ClickException (typer's own copy of click, or click itself in older typer versions)

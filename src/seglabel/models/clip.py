@@ -120,15 +120,35 @@ def _cached_or_download(name: str, tag: str, cfg: dict[str, Any], cache_dir: str
         cached = _hf_cached(repo, [filename] if filename else list(_HF_WEIGHT_FILES), cache_dir)
         if cached:
             return cached
-    how = (f"download them once where there is network (python -c \"import open_clip; "
-           f"open_clip.create_model('{name}', pretrained='{tag}')\") and copy the Hugging Face cache, "
-           f"or pass --pretrained /path/to/weights (.safetensors/.bin/.pt)")
+    how = _how_to_supply(name, tag, cfg, cache_dir)
     if os.environ.get("HF_HUB_OFFLINE") or not _hub_reachable():
         raise WeightsUnavailable(f"weights '{tag}' for {name} are not cached and the model hub cannot be reached: {how}")
     try:
         return download_pretrained(cfg, cache_dir=cache_dir)
     except Exception as e:  # hub errors come in many types
         raise WeightsUnavailable(f"could not download weights '{tag}' for {name} ({_first_line(e)}): {how}") from None
+
+
+def _how_to_supply(name: str, tag: str, cfg: dict[str, Any], cache_dir: str | None) -> str:
+    """The rest of the missing-weights line: where seglabel looked, the command that fetches the
+    weights where there is network, the -quickgelu rule for weight files, and the offline demo."""
+    quick = f"{name}-quickgelu" if cfg.get("quick_gelu") and not name.endswith("-quickgelu") else name
+    return (f"looked in {_hub_cache(cache_dir)}; on a machine with network run "
+            f"`python -c \"import open_clip; open_clip.create_model('{name}', pretrained='{tag}')\"` and copy "
+            f"that folder here (or set HF_HOME / --cache-dir to a copy), or pass the file: "
+            f"--model maskclip:{quick} --pretrained FILE (weights trained with QuickGELU, as OpenAI's, need the "
+            f"-quickgelu name). To try seglabel without weights, run the toy demo in the README")
+
+
+def _hub_cache(cache_dir: str | None) -> str:
+    if cache_dir:
+        return cache_dir
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        return HF_HUB_CACHE
+    except ImportError:
+        return os.path.join(os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
 
 
 def _hf_cached(repo: str, filenames: list[str], cache_dir: str | None) -> str | None:

@@ -173,3 +173,37 @@ def list_models() -> list[str]:
         if "timm_model_name" not in vision and not vision.get("attentional_pool"):
             names.append(f"maskclip:{name}")
     return names
+
+
+# What each kind labels with, and a spec to start from (``seglabel models``).
+KINDS: dict[str, tuple[str, str]] = {
+    "maskclip": ("an open_clip CLIP run by a training-free method (--method: sclip by default on ViTs, "
+                 "maskclip on ResNets; proxyclip and corrclip add a second vision model)",
+                 f"{DEFAULT_MODEL} --pretrained openai"),
+    "lseg": ("an official LSeg checkpoint (ViT-L/16 or ResNet-101), read from the file; nothing is downloaded",
+             "lseg:demo_e200.ckpt"),
+    "student": ("a DeepLabv2 student trained by `seglabel distill` (open-vocabulary: any label set)",
+                "student:runs/street/student.pt"),
+}
+RECOMMENDED_TAG = "openai"  # what every training-free method was published with
+
+
+def model_catalog() -> list[dict[str, Any]]:
+    """Every kind, and for ``maskclip:`` every architecture with its pretrained tags and the one to
+    use. A tag builds the activation its weights were trained with (QuickGELU for OpenAI's), so
+    the plain name is right with a tag; a weights FILE of such weights needs the -quickgelu name."""
+    import open_clip
+
+    catalog = []
+    for kind, (about, example) in KINDS.items():
+        entry: dict[str, Any] = {"kind": kind, "spec": f"{kind}:{'NAME' if kind == 'maskclip' else 'FILE'}",
+                                 "about": about, "example": example}
+        if kind == "maskclip":
+            entry["models"] = []
+            for spec in list_models():
+                name = spec.partition(":")[2]
+                tags = open_clip.list_pretrained_tags_by_model(name)
+                recommended = RECOMMENDED_TAG if RECOMMENDED_TAG in tags else (tags[0] if tags else None)
+                entry["models"].append({"spec": spec, "pretrained": tags, "recommended": recommended})
+        catalog.append(entry)
+    return catalog
