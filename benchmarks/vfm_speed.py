@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from seglabel.labelset import parse_labelset
-from seglabel.predict import Predictor
+from seglabel.predict import Predictor, Protocol
 from seglabel.models.trainingfree import paper_protocol
 
 RUNS = ["proxyclip:dino:vitb8", "proxyclip:dinov2:vitb14-reg", "proxyclip:mae:vitb", "proxyclip:sam:vitb",
@@ -99,7 +99,7 @@ def main() -> None:
             model = (CorrCLIP(clip, vfm, region_source(rest.rsplit(":", 1)[1], device), tokenizer=tokenizer)
                      if kind == "corrclip" else ProxyCLIP(clip, vfm, tokenizer=tokenizer))
             model.set_labels(labelset)
-            predictor = Predictor(model, paper_protocol(kind), batch_size=4)
+            predictor = Predictor(model, Protocol(**paper_protocol(kind)), batch_size=4)
             work = lambda img: predictor.predict([img])  # noqa: E731
         with torch.no_grad(), autocast:
             work(images[0])

@@ -281,10 +281,10 @@ def test_logit_scales_and_paper_protocols(deep_clip):
     assert MaskCLIP(deep_clip, method="sclip").logit_scale == 40
     assert MaskCLIP(deep_clip, method="naclip", logit_scale=65).describe()["logit_scale"] == 65
     assert "logit_scale" not in MaskCLIP(deep_clip).describe()
-    assert paper_protocol("clearclip") == Protocol(short_side=448, window=448, window_stride=224)
+    assert Protocol(**paper_protocol("clearclip")) == Protocol(short_side=448, window=448, window_stride=224)
     for m in ("sclip", "naclip", "scclip"):
-        assert paper_protocol(m) == Protocol(short_side=336, window=224, window_stride=112)
-    assert paper_protocol("maskclip") == Protocol()
+        assert Protocol(**paper_protocol(m)) == Protocol(short_side=336, window=224, window_stride=112)
+    assert Protocol(**paper_protocol("maskclip")) == Protocol()
 
 
 def test_resnet_towers_refuse_the_vit_methods():

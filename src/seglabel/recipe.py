@@ -158,4 +158,4 @@ def _paper_protocol(method: str, given: Protocol, explicit: frozenset[str]) -> P
     fields = {f: getattr(given, f) for f in PROTOCOL_FIELDS if f in explicit}
     if "window" in fields and "window_stride" not in fields:
         fields["window_stride"] = given.window_stride
-    return dataclasses.replace(paper_protocol(method), tta=given.tta, pamr=given.pamr, **fields)
+    return dataclasses.replace(given, **{**paper_protocol(method), **fields})

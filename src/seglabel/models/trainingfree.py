@@ -58,8 +58,9 @@ def check_method(method: str) -> str:
     return method
 
 
-def paper_protocol(method: str):
-    """The inference protocol of the method's own evaluation (``--protocol paper``).
+def paper_protocol(method: str) -> dict[str, int]:
+    """The inference protocol of the method's own evaluation (``--protocol paper``), as the fields
+    of a ``seglabel.predict.Protocol`` (a plain dict: the models floor does not import predict).
 
     MaskCLIP: short side 512, whole image. ClearCLIP: short side 448, 448 window, stride 224.
     SCLIP, NACLIP, SC-CLIP: short side 336, 224 window, stride 112 (all three use 560 on
@@ -67,16 +68,14 @@ def paper_protocol(method: str):
     ProxyCLIP, CorrCLIP: short side 336, 336 window, stride 112 (both use short side 448 on ADE20K
     and Cityscapes, and a 224 window on Cityscapes); each window is padded, centred, to a
     multiple of 56 by the model itself."""
-    from ..predict import Protocol
-
     check_method(method)
     if method == "maskclip":
-        return Protocol(short_side=512, max_long_side=2048)
+        return dict(short_side=512, max_long_side=2048, window=0, window_stride=0)
     if method == "clearclip":
-        return Protocol(short_side=448, max_long_side=2048, window=448, window_stride=224)
+        return dict(short_side=448, max_long_side=2048, window=448, window_stride=224)
     if method in VFM_METHODS:
-        return Protocol(short_side=336, max_long_side=2048, window=336, window_stride=112)
-    return Protocol(short_side=336, max_long_side=2048, window=224, window_stride=112)
+        return dict(short_side=336, max_long_side=2048, window=336, window_stride=112)
+    return dict(short_side=336, max_long_side=2048, window=224, window_stride=112)
 
 
 # -- shared pieces --------------------------------------------------------------------------------
