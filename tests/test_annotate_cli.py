@@ -31,6 +31,7 @@ def read_mask(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
 def test_folder_to_masks_and_coco(tmp_path, tiny_weights, small_labelset, name):
     from pycocotools import mask as mask_util
@@ -74,6 +75,7 @@ def test_folder_to_masks_and_coco(tmp_path, tiny_weights, small_labelset, name):
     assert record["weights"]["weights_file"] == str(tiny_weights[name])
 
 
+@pytest.mark.slow
 def test_rerun_resumes_and_overwrite_relabels(tmp_path, tiny_weights, small_labelset):
     photos = tmp_path / "photos"
     write_images(photos, ["a.jpg", "b.jpg"])
@@ -94,6 +96,7 @@ def test_rerun_resumes_and_overwrite_relabels(tmp_path, tiny_weights, small_labe
     assert not list(out.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_other_settings_into_the_same_out_are_refused(tmp_path, tiny_weights, small_labelset):
     photos = tmp_path / "photos"
     write_images(photos, ["a.jpg"])
@@ -140,6 +143,7 @@ def test_colliding_outputs_and_from_list(tmp_path, tiny_weights, small_labelset)
         ["s1/a.png", "s2/b.png"]
 
 
+@pytest.mark.slow
 def test_output_folder_inside_input_is_not_input(tmp_path, tiny_weights, small_labelset):
     photos = tmp_path / "photos"
     write_images(photos, ["a.jpg"])
@@ -167,6 +171,7 @@ def test_dry_run_loads_no_model(tmp_path, small_labelset):
     (["--model", "nope:x"], "unknown model kind 'nope'"),
     (["--model", "maskclip:ViT-B-16", "--pretrained", "/no/such.bin"], "neither a weight file nor a pretrained tag"),
 ])
+@pytest.mark.slow
 def test_config_errors_are_one_line_exit_2(tmp_path, small_labelset, args, message):
     photos = tmp_path / "photos"
     write_images(photos, ["a.jpg"])
@@ -193,6 +198,7 @@ def test_bad_labelset_is_exit_2_naming_file_and_line(tmp_path):
     assert r.returncode == 0 and "19 classes" in r.stdout
 
 
+@pytest.mark.slow
 def test_sliding_window_and_min_confidence(tmp_path, tiny_weights, small_labelset):
     photos = tmp_path / "photos"
     write_images(photos, ["a.jpg"], size=(50, 130))

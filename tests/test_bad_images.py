@@ -85,6 +85,7 @@ def make_zoo(folder: Path) -> tuple[dict[str, str], list[str]]:
 
 
 # -- through the command line ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_bad_images_through_the_cli(tmp_path, tiny_weights, small_labelset):
     photos, out = tmp_path / "photos", tmp_path / "labels"
     bad, labelled = make_zoo(photos)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from conftest import write_images
 from test_annotate_cli import run
 
@@ -34,6 +36,7 @@ def test_distill_and_the_other_commands_show_no_bool_type():
         assert r.returncode == 0 and "<bool>" not in r.stdout, command
 
 
+@pytest.mark.slow
 def test_models_lists_every_kind_with_tags_and_the_recommended_one():
     r = run("models", "--json")
     assert r.returncode == 0, r.stderr

@@ -287,6 +287,7 @@ def test_cuda_marker_is_registered(pytestconfig):
 
 
 
+@pytest.mark.slow
 def test_cli_decode_flag(tmp_path, tiny_weights, small_labelset):
     import json
     import os

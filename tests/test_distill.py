@@ -78,6 +78,7 @@ def test_ignored_pixels_contribute_no_loss():
 
 
 # -- training ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_training_writes_a_student_with_finite_losses(data, tiny_weights, small_labelset):
     cfg = make_config(data, tiny_weights, small_labelset)
     path = train(cfg)
@@ -101,6 +102,7 @@ def test_classifier_stays_the_text_embeddings(data, tiny_weights, small_labelset
     assert torch.allclose(model.text_embeddings, encode_labelset(spec, labelset), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_state_as_an_uninterrupted_run(data, tiny_weights, small_labelset):
     straight = make_config(data, tiny_weights, small_labelset, iters=4, out=str(data / "straight"))
     train(straight)
@@ -158,6 +160,7 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: DistillConfig) -> None:
             dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(data, tiny_weights, small_labelset):
     import torch.multiprocessing as mp
 

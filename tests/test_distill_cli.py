@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import TINY_CONFIGS, write_images
 from test_annotate_cli import annotate, run
 
 
+@pytest.mark.slow
 def test_annotate_distill_then_label_with_the_student(tmp_path, tiny_weights, small_labelset):
     photos = tmp_path / "photos"
     write_images(photos, [f"{i}.jpg" for i in range(4)], size=(48, 64))

@@ -85,6 +85,7 @@ def read_log(path: Path) -> list[dict]:
     return records
 
 
+@pytest.mark.slow
 def test_killed_distill_resumes_from_its_checkpoint(tmp_path, distill_args):
     out = tmp_path / "run"
     kill_after_first_checkpoint(distill_args(out), out, delay=random.Random(os.getpid()).uniform(0.0, 0.5))

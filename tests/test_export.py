@@ -12,6 +12,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
@@ -376,6 +377,7 @@ def test_old_palette_masks_are_exported_as_grayscale_indices(tmp_path):
 
 
 # -- the command on a real annotate run ---------------------------------------------------------------
+@pytest.mark.slow
 def test_exports_of_a_real_annotate_run(tmp_path, tiny_weights, small_labelset):
     from conftest import write_images
 

@@ -47,6 +47,7 @@ def test_cleanup_removes_only_our_temporaries_when_out_is_the_input_folder(tmp_p
 
 
 # -- 2: output paths from a list depend on nothing but the file (and --root) ---------------------------
+@pytest.mark.slow
 def test_output_paths_from_a_list_do_not_move_when_the_list_grows(tmp_path, tiny_weights, small_labelset):
     data = tmp_path / "data"
     write_images(data, ["a/x.jpg", "a/y.jpg"])
@@ -79,6 +80,7 @@ def test_output_paths_from_a_list_do_not_move_when_the_list_grows(tmp_path, tiny
 
 
 # -- 3: weights by content; every record carries its settings ------------------------------------------
+@pytest.mark.slow
 def test_weights_are_known_by_content_not_by_path(tmp_path, small_labelset):
     from safetensors.torch import save_file
 
@@ -101,6 +103,7 @@ def test_weights_are_known_by_content_not_by_path(tmp_path, small_labelset):
     assert r.returncode == 2 and "(changed: weights)" in one_error_line(r)
 
 
+@pytest.mark.slow
 def test_deleting_run_json_does_not_let_other_settings_mix_in(tmp_path, tiny_weights, small_labelset):
     photos, out = tmp_path / "photos", tmp_path / "labels"
     write_images(photos, ["a.jpg"])
@@ -117,6 +120,7 @@ def test_deleting_run_json_does_not_let_other_settings_mix_in(tmp_path, tiny_wei
 # -- 4: non-finite numbers ------------------------------------------------------------------------------
 @pytest.mark.parametrize("flag, value", [("--logit-scale", "inf"), ("--logit-scale", "nan"),
                                          ("--min-confidence", "nan"), ("--min-confidence", "1.5")])
+@pytest.mark.slow
 def test_non_finite_or_out_of_range_numbers_are_refused(tmp_path, small_labelset, tiny_weights, flag, value):
     photos = tmp_path / "photos"
     write_images(photos, ["a.jpg"])
@@ -168,6 +172,7 @@ def test_json_is_written_strictly_and_non_finite_scores_fail_the_image(tmp_path,
 
 
 # -- 6: outputs follow the umask -------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
 def test_outputs_follow_the_umask(tmp_path, small_labelset, tiny_weights, umask, mode):
     photos, out = tmp_path / "photos", tmp_path / "labels"
@@ -196,6 +201,7 @@ def test_checkpoints_written_like_distill_follow_the_umask(tmp_path, umask, mode
 
 
 # -- 7: a rerun asking for more outputs makes them ----------------------------------------------------
+@pytest.mark.slow
 def test_rerun_with_overlay_and_scores_makes_what_is_missing(tmp_path, tiny_weights, small_labelset):
     photos, out = tmp_path / "photos", tmp_path / "labels"
     write_images(photos, ["a.jpg", "x/b.jpg"])
@@ -215,6 +221,7 @@ def test_rerun_with_overlay_and_scores_makes_what_is_missing(tmp_path, tiny_weig
 @pytest.mark.parametrize("extra, words", [(["--window", "60"], "--window 60 must be a multiple of 8"),
                                           (["--pamr", "--tta"], "give --pamr or --tta"),
                                           (["--short-side", "100000", "--max-long-side", "0"], "--max-pixels")])
+@pytest.mark.slow
 def test_a_refused_run_leaves_no_trace(tmp_path, tiny_weights, small_labelset, extra, words):
     photos, out = tmp_path / "photos", tmp_path / "new" / "labels"
     write_images(photos, ["a.jpg"])
@@ -228,6 +235,7 @@ def test_a_refused_run_leaves_no_trace(tmp_path, tiny_weights, small_labelset, e
                                           (["--device", "cuda:7"], "--device cuda:7"),
                                           (["--out", "FILE"], "exists and is not a folder"),
                                           (["--window", "8", "--tta"], "two different protocols")])
+@pytest.mark.slow
 def test_device_and_out_problems_are_usage_errors_before_any_model_loads(tmp_path, small_labelset, extra, words):
     import torch
 
@@ -318,6 +326,7 @@ def test_images_too_big_for_the_memory_left_are_reported_not_crashed_on(tmp_path
     (["nope"], "nope"),
     (["distill", "--images", ".", "--out", "afile"], "--out afile: exists and is not a folder"),
 ])
+@pytest.mark.slow
 def test_usage_errors_are_one_line_exit_2(tmp_path, args, words):
     (tmp_path / "afile").write_text("not a folder")
     r = run(*args, cwd=tmp_path)
@@ -353,6 +362,7 @@ def test_the_ray_annotator_is_refused_like_the_cli_before_writing(tmp_path, tiny
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_dry_run_says_what_a_run_would_refuse(tmp_path, tiny_weights, small_labelset):
     photos, out = tmp_path / "photos", tmp_path / "labels"
     write_images(photos, ["a.jpg", "b.jpg"])

@@ -502,6 +502,7 @@ def varied_text(net, rgb: np.ndarray) -> torch.Tensor:
 PARITY_SIZES = {"vit": [(192, 256), (256, 192), (192, 192), (300, 1000)], "resnet": [(192, 256)]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["vit", "resnet"])
 def test_default_protocol_is_the_official_single_scale_evaluation(ckpts, variant):
     from seglabel.predict import Predictor, Protocol
@@ -559,6 +560,7 @@ def test_annotate_records_the_protocol_it_ran_and_resumes(ckpts, tmp_path):
 
 
 # -- the command line -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path, ckpts):
     photos = tmp_path / "photos"
     write_images(photos, ["a.jpg", "b.png"], size=(45, 70))

@@ -195,6 +195,7 @@ def scclip_reference(sd, outputs, grid, blk):
 
 
 # -- dense features -------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "scclip"])
 @pytest.mark.parametrize("size", [(32, 32), (40, 64), (37, 50)])
 def test_dense_features_match_the_formulas(deep_clip, method, size):
@@ -205,6 +206,7 @@ def test_dense_features_match_the_formulas(deep_clip, method, size):
     torch.testing.assert_close(feats, expected, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(48, 48), (40, 64), (32, 32), (56, 40)])
 def test_scclip_dense_features_match_the_formulas(deep_clip, size):
     images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2))
@@ -365,6 +367,7 @@ def test_predictor_refines_upsampled_logits_with_pamr():
 
 
 # -- the command line -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_method_pamr_and_paper_protocol(tmp_path, tiny_weights, small_labelset):
     from conftest import write_images
     from test_annotate_cli import annotate
@@ -386,6 +389,7 @@ def test_cli_method_pamr_and_paper_protocol(tmp_path, tiny_weights, small_labels
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "ViT" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_defaults_sclip_on_vits_and_maskclip_with_its_refinements_on_resnets(tmp_path, tiny_weights,
                                                                                   small_labelset):
     from conftest import write_images

@@ -176,6 +176,7 @@ def test_background_writer_keeps_order_and_surfaces_errors():
     writer.close()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="torch.compile on a CPU needs a C compiler")
 def test_compiled_model_labels_like_the_eager_one(tmp_path, setup):
     """--compile: torch.compile (inductor, here on the CPU) gives the eager model's labels."""

@@ -19,6 +19,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_data_annotator_matches_the_cli(tmp_path, small_labelset, tiny_weights, local_ray):
     from seglabel.annotate import merge
     from seglabel.predict import Protocol

@@ -98,6 +98,7 @@ def test_not_given_values_are_dropped_and_unknown_options_refused(tmp_path, kind
 @pytest.mark.parametrize("kind, flag", [("lseg", "--logit-scale=50"), ("lseg", "--no-key-smoothing"),
                                         ("lseg", "--prompt-denoising"), ("student", "--logit-scale=2"),
                                         ("student", "--key-smoothing")])
+@pytest.mark.slow
 def test_annotate_refuses_the_flag_in_one_line_and_writes_nothing(specs, tmp_path, small_labelset, kind, flag):
     photos, out = tmp_path / "photos", tmp_path / "out"
     write_images(photos, ["a.png"])

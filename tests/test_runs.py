@@ -40,6 +40,7 @@ def test_parse_and_select_shards():
     assert sorted(sum(parts, [])) == items and parts[0] == [0, 3, 6, 9]
 
 
+@pytest.mark.slow
 def test_shards_then_merge_equal_one_run(tmp_path, small_labelset, tiny_weights):
     photos = tmp_path / "photos"
     write_images(photos, [f"x/{i:02d}.png" for i in range(7)])
@@ -70,6 +71,7 @@ def test_shards_then_merge_equal_one_run(tmp_path, small_labelset, tiny_weights)
     assert merged["summary"]["images"] == 7 and len(merged["merged"]) == 3
 
 
+@pytest.mark.slow
 def test_second_run_on_a_busy_out_is_refused(tmp_path, small_labelset, tiny_weights):
     photos = tmp_path / "photos"
     write_images(photos, ["a.png", "b.png"])
@@ -98,6 +100,7 @@ def temporaries(out: Path) -> list[Path]:
     return [p for p in out.rglob("*.tmp")]
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_rerun_gives_identical_outputs(tmp_path, small_labelset, tiny_weights):
     photos = tmp_path / "photos"
     write_images(photos, [f"{i:03d}.png" for i in range(60)], size=(72, 96))
@@ -174,6 +177,7 @@ def check_finished_in_flight_and_resumes(out: Path, argv: list[str]) -> None:
     assert r.returncode == 0 and summary["skipped"] == len(records) and summary["labelled"] == 150 - len(records)
 
 
+@pytest.mark.slow
 def test_ctrl_c_finishes_in_flight_images_and_exits_130(tmp_path, small_labelset, tiny_weights):
     out, argv, code, err = stop_mid_run(tmp_path, small_labelset, tiny_weights, signal.SIGINT)
     assert code == 130, err
@@ -197,6 +201,7 @@ def _small_disk():  # the child sees a disk on which no file may exceed 64 bytes
     resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
 
 
+@pytest.mark.slow
 def test_full_disk_is_a_clear_error_and_earlier_outputs_stay(tmp_path, small_labelset, tiny_weights):
     photos = tmp_path / "photos"
     write_images(photos, ["a.png", "b.png"])

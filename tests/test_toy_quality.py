@@ -38,6 +38,7 @@ def toy_scenes(tmp_path_factory):
     return data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tower, flags", list(FLOORS))
 def test_toy_scenes_are_labelled_far_above_chance(tmp_path, toy_scenes, tower, flags):
     out = tmp_path / "labels"

@@ -164,6 +164,7 @@ def test_fixture_zero_shot_classifies_generated_scenes(toyclip):
     assert top1_present >= TOP1_FLOOR[name], top1_present
 
 
+@pytest.mark.slow
 def test_fixture_maskclip_probe_labels_held_out_scenes(toyclip):
     name, model, tokenizer = toyclip
     probe = _load("maskclip_probe")

@@ -22,6 +22,7 @@ def settings(out):
     return json.loads((out / "run.json").read_text())["settings"]
 
 
+@pytest.mark.slow
 def test_corrclip_with_slic_regions_end_to_end(tmp_path, tiny_weights, small_labelset):
     photos = tmp_path / "photos"
     write_images(photos, ["a.png", "b.png"], size=(40, 56))
@@ -129,6 +130,7 @@ def test_hostile_second_model_weights_are_refused_and_never_run(tmp_path, tiny_w
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_real_architectures_load_their_official_and_timm_files(tmp_path):
     """DINO ViT-S/8 from a timm-layout safetensors file, DINOv2 ViT-S/14-reg from the official
     layout (class token's position inside pos_embed, register_tokens, mask_token), wrong files refused."""

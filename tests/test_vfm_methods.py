@@ -185,6 +185,7 @@ def with_text(model, text):
     return model.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dino", "dinov2", "mae", "sam", "clip"])
 @pytest.mark.parametrize("size", SIZES)
 def test_proxyclip_matches_the_formula(deep_clip, text, kind, size):
