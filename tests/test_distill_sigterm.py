@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from test_distill_kill import distill_args, iteration_of, read_log  # noqa: F401 - distill_args is a fixture
-from test_runs import wait_for
+from test_runs import signal_group_when
 
 ITERS = 20
 
@@ -22,20 +22,9 @@ def test_sigterm_saves_last_pt_and_the_rerun_resumes(tmp_path, distill_args):  #
     cmd = [sys.executable, "-m", "seglabel", *distill_args(out, iters=ITERS), "--save-every", "1000",
            "--workers", "1"]  # no periodic checkpoint: last.pt can only come from the SIGTERM
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    with open(tmp_path / "stderr.txt", "w+") as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-        try:
-            wait_for(lambda: (out / "log.jsonl").is_file() and len(read_log(out / "log.jsonl")) >= 2, proc,
-                     "two logged iterations")
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=600)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        err.seek(0)
-        stderr = err.read()
-    assert proc.returncode == 143, stderr
+    code, stderr = signal_group_when(cmd, lambda: (out / "log.jsonl").is_file() and len(read_log(out / "log.jsonl")) >= 2,
+                                     "two logged iterations", signal.SIGTERM, tmp_path / "stderr.txt", env)
+    assert code == 143, stderr
     assert stderr.strip().splitlines()[-1] == "seglabel: error: terminated (SIGTERM); run the same command to resume"
     assert not (out / "student.pt").exists()
     saved = iteration_of(out / "last.pt")

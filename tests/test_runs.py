@@ -150,10 +150,19 @@ def stop_mid_run(tmp_path, small_labelset, tiny_weights, signum: int) -> tuple[P
     write_images(photos, [f"{i:03d}.png" for i in range(150)], size=(72, 96))
     out = tmp_path / "out"
     argv = annotate_argv(photos, out, small_labelset, tiny_weights)[:-1] + ["--workers", "1"]  # summary on stderr
-    with open(tmp_path / "stderr.txt", "w+") as err:
-        proc = subprocess.Popen(argv, start_new_session=True, stderr=err)
+    code, stderr = signal_group_when(argv, lambda: len(list((out / "records").glob("*.json"))) >= 3,
+                                     "three labelled images", signum, tmp_path / "stderr.txt")
+    return out, argv, code, stderr
+
+
+def signal_group_when(argv: list[str], ready, what: str, signum: int, stderr_file: Path,
+                      env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Start ``argv`` in a process group of its own, send ``signum`` to the whole group once
+    ``ready()`` (observable progress, see ``wait_for``), wait for it; (exit code, stderr)."""
+    with open(stderr_file, "w+") as err:
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         try:
-            wait_for(lambda: len(list((out / "records").glob("*.json"))) >= 3, proc, "three labelled images")
+            wait_for(ready, proc, what)
             os.killpg(proc.pid, signum)
             proc.wait(timeout=600)
         finally:
@@ -161,7 +170,7 @@ def stop_mid_run(tmp_path, small_labelset, tiny_weights, signum: int) -> tuple[P
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         err.seek(0)
-        return out, argv, proc.returncode, err.read()
+        return proc.returncode, err.read()
 
 
 def check_finished_in_flight_and_resumes(out: Path, argv: list[str]) -> None:
