@@ -133,6 +133,10 @@ def annotate(
             key_smoothing=key_smoothing, prompt_denoising=prompt_denoising)
         if protocol_name == "paper":  # the method is known once the tower is
             config.protocol = _paper_protocol(ctx, getattr(segmenter, "method", "maskclip"), protocol)
+        elif getattr(segmenter, "short_side", None) and not _given(ctx, "short_side"):
+            import dataclasses  # a student labels at the scale it learnt at, unless told otherwise
+
+            config.protocol = dataclasses.replace(config.protocol, short_side=segmenter.short_side)
         with _progress(len(found.items), bar=not (quiet or as_json), report=not quiet) as on_image:
             summary = run_annotate(found.items, segmenter, labelset, config, found.problems, on_image, sys.argv)
         if as_json:
@@ -142,6 +146,10 @@ def annotate(
         return summary.exit_code
 
     run_guarded(run)
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    return getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
 
 
 def _paper_protocol(ctx: typer.Context, method: str, given):
