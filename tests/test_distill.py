@@ -43,7 +43,7 @@ def data(tmp_path):
 def make_config(root: Path, tiny_weights, labelset_file, **kw) -> DistillConfig:
     base = dict(images=str(root / "photos"), pseudo=str(root / "pseudo"), labels=str(labelset_file),
                 out=str(root / "run"), clip="tiny-vit", pretrained=str(tiny_weights["tiny-vit"]),
-                model_config=str(TINY_CONFIGS["tiny-vit"]), arch=SMALL_ARCH, iters=3, batch_size=2,
+                model_config=str(TINY_CONFIGS["tiny-vit"]), student=SMALL_ARCH, iters=3, batch_size=2,
                 crop=64, base_size=64, workers=0, device="cpu", quiet=True, log_every=1, save_every=100)
     return DistillConfig(**{**base, **kw})
 
@@ -126,14 +126,66 @@ def test_resume_gives_the_same_state_as_an_uninterrupted_run(data, tiny_weights,
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
-    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 4
+    assert a["schedule"] == b["schedule"] == [[0, 4]]
     assert [r["loss"] for r in read_log(data / "straight")] == [r["loss"] for r in read_log(data / "resumed")]
 
 
 def test_resume_with_other_settings_is_refused(data, tiny_weights, small_labelset):
     train(make_config(data, tiny_weights, small_labelset, iters=2))
-    with pytest.raises(ValueError, match="other settings.*iters 2 -> 5"):
-        train(make_config(data, tiny_weights, small_labelset, iters=5))
+    before = (data / "run" / "last.pt").read_bytes()
+    for change, words in (({"lr": 0.02}, "lr 0.01 -> 0.02"), ({"crop": 32}, "crop 64 -> 32"),
+                          ({"iters": 1}, "iters 2 -> 1"), ({"photometric": True}, "photometric False -> True")):
+        with pytest.raises(ValueError, match=f"other settings.*{words}") as e:
+            train(make_config(data, tiny_weights, small_labelset, **{"iters": 2, **change}))
+        assert "\n" not in str(e.value) and "last.pt" in str(e.value)
+    assert (data / "run" / "last.pt").read_bytes() == before
+
+
+def test_larger_iters_continues_with_the_schedule_stretched(data, tiny_weights, small_labelset):
+    """Rerun with a larger --iters: training goes on from last.pt's iteration; from there the lr
+    is the poly curve of a run planned for the new end, and log.jsonl says so."""
+    train(make_config(data, tiny_weights, small_labelset, iters=2))
+    first = read_log(data / "run")
+    train(make_config(data, tiny_weights, small_labelset, iters=5))
+    log = read_log(data / "run")
+    assert log[:2] == first  # the first two iterations are not redone
+    event = [r for r in log if r.get("event") == "continued"]
+    assert event == [{"iter": 2, "event": "continued", "iters": 5, "schedule": [[0, 2], [2, 5]],
+                      "lr": pytest.approx(poly_lr(2, 5, 0.01))}]
+    steps = [r for r in log if "loss" in r]
+    assert [r["iter"] for r in steps] == [1, 2, 3, 4, 5]
+    assert steps[1]["lr"] == pytest.approx(poly_lr(1, 2, 0.01))  # before: the old schedule
+    for r in steps[2:]:  # after: the stretched one, lr of iteration it-1 of a 5-iteration plan
+        assert r["lr"] == pytest.approx(poly_lr(r["iter"] - 1, 5, 0.01))
+    last = torch.load(data / "run" / "last.pt", weights_only=True)
+    assert last["iteration"] == 5 and last["schedule"] == [[0, 2], [2, 5]]
+    assert json.loads((data / "run" / "config.json").read_text())["iters"] == 5
+    # the same command again: nothing left to do, the student is rewritten from the same state
+    train(make_config(data, tiny_weights, small_labelset, iters=5))
+    assert [r["iter"] for r in read_log(data / "run") if "loss" in r] == [1, 2, 3, 4, 5]
+
+
+def test_continued_run_resumes_exactly_after_an_interruption(data, tiny_weights, small_labelset):
+    """A continued run killed half way resumes with the stretched schedule it had (not a new one)."""
+    straight = str(data / "straight")
+    train(make_config(data, tiny_weights, small_labelset, iters=2, out=straight))
+    train(make_config(data, tiny_weights, small_labelset, iters=5, out=straight))
+    broken = str(data / "broken")
+    train(make_config(data, tiny_weights, small_labelset, iters=2, out=broken))
+
+    def stop(it, model):
+        if it == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(data, tiny_weights, small_labelset, iters=5, out=broken), on_iteration=stop)
+    train(make_config(data, tiny_weights, small_labelset, iters=5, out=broken))
+    a = torch.load(Path(straight) / "last.pt", weights_only=True)
+    b = torch.load(Path(broken) / "last.pt", weights_only=True)
+    assert a["schedule"] == b["schedule"] == [[0, 2], [2, 5]]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert [r.get("lr") for r in read_log(Path(straight))] == [r.get("lr") for r in read_log(Path(broken))]
 
 
 def _ddp_worker(rank: int, world: int, port: int, cfg: DistillConfig) -> None:

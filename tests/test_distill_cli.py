@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_CONFIGS, write_images
+from conftest import write_images
 from test_annotate_cli import annotate, run
 
 

@@ -25,20 +25,46 @@ def distill(
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: last.pt (resume), student.pt, log.jsonl."),
     pseudo: Optional[Path] = typer.Option(None, "--pseudo", help="annotate's output folder (masks/ + run.json) or a folder of mask PNGs."),
     labels: Optional[Path] = typer.Option(None, "--labels", "-l", help="Label set YAML (default: the one in --pseudo's run.json)."),
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="maskclip:NAME: compute labels online on each crop instead of --pseudo."),
+    teacher: str = typer.Option("auto", "--teacher", help="Who labels each training crop online (MaskCLIP+): auto = the "
+                                "model that made --pseudo (its run.json), none = nobody (train on --pseudo's masks "
+                                "as written, e.g. after you corrected them), or a model spec (maskclip:ViT-B-16)."),
     arch: str = typer.Option("deeplabv2", "--arch", help="Student architecture (deeplabv2)."),
-    depth: int = typer.Option(101, "--depth", help="ResNet depth of the student: 50 or 101."),
+    depth: Optional[int] = typer.Option(None, "--depth", help="ResNet depth of the student: 18, 34, 50 or 101 "
+                                        "(default: 101 on CUDA, 18 on a CPU)."),
+    width: Optional[int] = typer.Option(None, "--width", min=8, help="Channels of the first ResNet stage; 64 is "
+                                        "the standard ResNet (default: 64 on CUDA or with --backbone-weights, "
+                                        "else 32 on a CPU)."),
     backbone_weights: Optional[str] = typer.Option(None, "--backbone-weights", help="ResNet weights file (torchvision, timm or mmseg), 'imagenet', or none."),
     clip: Optional[str] = typer.Option(None, "--clip", help="open_clip text encoder (default: from --pseudo's run.json)."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Its pretrained tag or weights file (default: from run.json)."),
     model_config: Optional[Path] = typer.Option(None, "--model-config", help="open_clip model config JSON to register."),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="CLIP weights cache."),
-    iters: int = typer.Option(2000, "--iters", min=1, help="Training iterations (the paper: 2k-8k)."),
+    iters: Optional[int] = typer.Option(None, "--iters", min=1, help="Training iterations (default: 13 passes over "
+                                        "the images, 1000-8000, as the paper's 2k-8k; a larger value on a finished "
+                                        "or interrupted run continues it)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Global batch, split across processes."),
-    crop: int = typer.Option(512, "--crop", min=8, help="Training crop side (multiple of 8)."),
-    base_size: int = typer.Option(512, "--base-size", min=8, help="Short side before the random 0.5-2x rescale."),
+    crop: Optional[int] = typer.Option(None, "--crop", min=8, help="Training crop side, a multiple of 8 "
+                                       "(default: the base size, at most 512)."),
+    base_size: Optional[int] = typer.Option(None, "--base-size", min=8, help="Short side before the random rescale "
+                                            "(default: the short side the pseudo-labels were made at, else 512); "
+                                            "the student labels at it unless annotate gets --short-side."),
     lr: float = typer.Option(0.01, "--lr", min=0.0, help="Base learning rate (poly decay, power 0.9, floor 1e-4)."),
     self_train_after: int = typer.Option(0, "--self-train-after", min=0, help="From this iteration the student labels itself (0: never)."),
+    photometric: Optional[bool] = typer.Option(None, "--photometric/--no-photometric", help="Random brightness, "
+                                               "contrast, saturation and hue (default: only with --teacher, which "
+                                               "labels the distorted crop)."),
+    scale_min: float = typer.Option(0.5, "--scale-min", min=0.01, help="Random rescale factor, low end."),
+    scale_max: float = typer.Option(2.0, "--scale-max", min=0.01, help="Random rescale factor, high end."),
+    min_confidence: float = typer.Option(0.0, "--min-confidence", min=0.0, max=1.0, help="Ignore pseudo-label "
+                                         "pixels the teacher gave a lower probability (needs annotate "
+                                         "--save-scores, or --teacher)."),
+    ignore_unsure: Optional[float] = typer.Option(None, "--ignore-unsure", min=0.0, max=0.99, help="With an online "
+                                                  "teacher: ignore this fraction of each batch's pixels, those the "
+                                                  "teacher is least sure of (default: 0.2 with the affinity loss, else 0)."),
+    affinity_weight: Optional[float] = typer.Option(None, "--affinity-weight", min=0.0, help="Weight of the colour-"
+                                                    "affinity loss: neighbouring pixels of similar colour get the same "
+                                                    "class (default: 2.5 from random init, 0 with --backbone-weights)."),
+    affinity_sigma: float = typer.Option(0.1, "--affinity-sigma", min=1e-3, help="Its colour scale (RGB in 0-1)."),
     save_every: int = typer.Option(500, "--save-every", min=1, help="Write last.pt every N iterations."),
     log_every: int = typer.Option(10, "--log-every", min=1, help="Progress line and log.jsonl record every N iterations."),
     val_images: Optional[Path] = typer.Option(None, "--val-images", help="Validation images."),
@@ -63,9 +89,11 @@ def distill(
     cfg = DistillConfig(
         images=str(images), out=str(out), pseudo=str(pseudo) if pseudo else None,
         labels=str(labels) if labels else None, teacher=teacher, clip=clip, pretrained=pretrained,
-        model_config=str(model_config) if model_config else None, cache_dir=cache_dir, depth=depth,
+        model_config=str(model_config) if model_config else None, cache_dir=cache_dir, arch=arch, depth=depth, width=width,
         backbone_weights=backbone_weights, iters=iters, batch_size=batch_size, crop=crop, base_size=base_size,
-        lr=lr, self_train_after=self_train_after, save_every=save_every, log_every=log_every,
+        lr=lr, self_train_after=self_train_after, photometric=photometric, scale_min=scale_min, scale_max=scale_max,
+        min_confidence=min_confidence, ignore_unsure=ignore_unsure, affinity_weight=affinity_weight,
+        affinity_sigma=affinity_sigma, save_every=save_every, log_every=log_every,
         val_images=str(val_images) if val_images else None, val_masks=str(val_masks) if val_masks else None,
         val_every=val_every, workers=workers, device=device, amp=amp, seed=seed, quiet=quiet, argv=list(sys.argv))
     train(cfg)  # on Ctrl-C or SIGTERM it saves last.pt before the interrupt reaches the handler

@@ -30,6 +30,7 @@ class Pair:
     key: str  # relative path without suffix
     image: Path
     mask: Path | None  # None: labels come from an online teacher
+    scores: Path | None = None  # the teacher's confidence per pixel (annotate --save-scores)
 
 
 @dataclass
@@ -78,9 +79,20 @@ def read_mask(path: Path, ignore_index: int) -> np.ndarray:
     return ids
 
 
-def scan_pairs(images: Path, masks: Path | None, num_classes: int, ignore_index: int) -> PairScan:
-    """Match images and masks by relative path and check each mask: readable, the image's size,
-    class ids inside the label set. Problems become reported skips; no usable pair is an error."""
+def read_scores(path: Path) -> np.ndarray:
+    """annotate's 16-bit confidence PNG -> float32 probabilities in [0, 1]."""
+    with Image.open(path) as im:
+        if im.mode not in ("I", "I;16", "I;16L", "I;16B", "L"):
+            raise ValueError(f"a {im.mode} image, not a confidence map")
+        raw = np.asarray(im)
+    return raw.astype(np.float32) / (255.0 if raw.dtype == np.uint8 else 65535.0)
+
+
+def scan_pairs(images: Path, masks: Path | None, num_classes: int, ignore_index: int,
+               scores: Path | None = None) -> PairScan:
+    """Match images and masks (and, given ``scores``, confidence maps) by relative path and check
+    each mask: readable, the image's size, class ids inside the label set. Problems become
+    reported skips; no usable pair is an error."""
     if not images.is_dir():
         raise DataError(f"{images}: no such image folder (--images)")
     found = find_images([images])
@@ -90,28 +102,35 @@ def scan_pairs(images: Path, masks: Path | None, num_classes: int, ignore_index:
     if not masks.is_dir():
         raise DataError(f"{masks}: no such mask folder")
     by_key = mask_files(masks)
+    score_files = mask_files(scores) if scores is not None else {}
     pairs = []
     for item in found.items:
         mask = by_key.pop(item.key, None)
         if mask is None:
             skipped.append((str(item.path), f"no mask {item.key}.png in {masks}"))
             continue
+        score = score_files.get(item.key)
+        if scores is not None and score is None:
+            skipped.append((str(mask), f"no confidence map {item.key}.png in {scores}"))
+            continue
         try:
             ids = read_mask(mask, ignore_index)
             size = image_size(item.path)
+            conf_shape = read_scores(score).shape if score is not None else size
         except (OSError, ValueError, ImageError, SyntaxError, Image.DecompressionBombError) as e:
             skipped.append((str(mask), f"cannot be read: {e}"))
             continue
-        if ids.shape != size:
-            skipped.append((str(mask), f"size {ids.shape[1]}x{ids.shape[0]} differs from its image "
-                                       f"{size[1]}x{size[0]}"))
+        if ids.shape != size or conf_shape != size:
+            bad = mask if ids.shape != size else score
+            shape = ids.shape if ids.shape != size else conf_shape
+            skipped.append((str(bad), f"size {shape[1]}x{shape[0]} differs from its image {size[1]}x{size[0]}"))
             continue
         bad = ids[((ids >= num_classes) & (ids != ignore_index)) | (ids < 0)]
         if bad.size:
             skipped.append((str(mask), f"class id {int(bad.max())} is outside the label set "
                                        f"(0..{num_classes - 1}, {ignore_index} = ignore)"))
             continue
-        pairs.append(Pair(item.key, item.path, mask))
+        pairs.append(Pair(item.key, item.path, mask, score))
     skipped += [(str(p), "mask without an image") for p in by_key.values()]
     if not pairs:
         first = f" (first problem: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
@@ -135,8 +154,10 @@ class PairDataset(torch.utils.data.Dataset):
     The sample number picks the pair (a fresh permutation per epoch) and seeds the augmentation.
     Without masks (online teacher), the mask is 0 on the image and ``ignore`` on the padding."""
 
-    def __init__(self, pairs: list[Pair], aug: Augment, mean, std, ignore_index: int, seed: int = 0):
+    def __init__(self, pairs: list[Pair], aug: Augment, mean, std, ignore_index: int, seed: int = 0,
+                 min_confidence: float = 0.0):
         self.pairs, self.aug, self.ignore, self.seed = pairs, aug, ignore_index, seed
+        self.min_confidence = min_confidence
         self.mean = torch.tensor(mean).view(3, 1, 1) * 255
         self.std = torch.tensor(std).view(3, 1, 1) * 255
 
@@ -153,6 +174,8 @@ class PairDataset(torch.utils.data.Dataset):
         try:
             rgb = load_image(pair.image)
             mask = read_mask(pair.mask, self.ignore) if pair.mask else np.zeros(rgb.shape[:2], np.int64)
+            if pair.scores is not None and self.min_confidence > 0:
+                mask[read_scores(pair.scores) < self.min_confidence] = self.ignore
         except (ImageError, OSError, ValueError) as e:  # changed on disk since the scan
             print(f"warning: {pair.image}: skipped this time ({e})", file=sys.stderr)
             return self[n + 1]

@@ -33,15 +33,17 @@ class Protocol:
 
 
 def resolve_protocol(protocol: Protocol, segmenter: Segmenter) -> Protocol:
-    """The protocol a run uses. A model with an evaluation protocol of its own (LSeg: the official
-    single-scale evaluation, ``Segmenter.default_protocol``) uses it in place of seglabel's
-    whole-image default, i.e. unless --short-side, --window, --tta or --pamr asked otherwise
-    (--max-long-side still caps huge photos first)."""
+    """The protocol a run uses. A model with a protocol of its own (``Segmenter.default_protocol``:
+    LSeg's official single-scale evaluation; a student's training scale) uses it in place of
+    seglabel's defaults, unless another protocol was asked for: a short side other than the
+    default, or, for an own evaluation protocol (LSeg), --window, --tta or --pamr (--max-long-side
+    still caps huge photos first)."""
     own = getattr(segmenter, "default_protocol", None)
-    default = Protocol()
-    if own and not (protocol.tta or protocol.window or protocol.pamr) and protocol.short_side == default.short_side:
-        return replace(protocol, **own)
-    return protocol
+    if not own or protocol.short_side != Protocol().short_side:
+        return protocol
+    if own.get("tta") and (protocol.tta or protocol.window or protocol.pamr):
+        return protocol
+    return replace(protocol, **own)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from .images import ImageError, ImageItem, read_size
 from .labelset import LabelSet, load_labelset
 from .loader import DECODE_CHOICES
 from .models.base import Segmenter
-from .models.registry import DEFAULT_MODEL, load_segmenter, parse_spec
+from .models.registry import DEFAULT_MODEL, OWN_PROTOCOL_KINDS, load_segmenter, parse_spec
 from .predict import Protocol, check_protocol, check_protocol_options, resolve_device
 from .runs import check_settings, model_identity
 from .writers import check_output_folder
@@ -86,7 +86,7 @@ def check(recipe: Recipe) -> Checked:
         check_method(recipe.method)
     known = {"labelset": labelset.fingerprint(), **model_identity(recipe.model, recipe.pretrained),
              "min_confidence": labelset.min_confidence if config.min_confidence is None else config.min_confidence}
-    if recipe.protocol_name == "default" and kind != "lseg":  # LSeg's own protocol is known with the model
+    if recipe.protocol_name == "default" and kind not in OWN_PROTOCOL_KINDS:  # else known with the model
         known["protocol"] = dataclasses.asdict(config.protocol)
     check_settings(Path(config.out), known, per_image=False)  # the rest once the model is known
     return Checked(labelset, device)

@@ -263,7 +263,13 @@ def student_checkpoint(model: DeepLabV2Student, labelset: LabelSet, extra: dict[
 def student_from_checkpoint(ckpt: dict[str, Any], source: str = "<student>") -> tuple[DeepLabV2Student, LabelSet]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != STUDENT_FORMAT:
         raise CheckpointError(f"{source}: not a seglabel student checkpoint (made by `seglabel distill`)")
-    model = DeepLabV2Student(StudentArch.from_dict(ckpt["arch"]), ckpt.get("clip"))
+    missing = [k for k in ("arch", "state_dict", "labelset", "text_embeddings") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{source}: an incomplete student checkpoint (no {', '.join(missing)})")
+    try:
+        model = DeepLabV2Student(StudentArch.from_dict(ckpt["arch"]), ckpt.get("clip"))
+    except (TypeError, ValueError, AttributeError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{source}: its architecture cannot be built ({type(e).__name__}: {e})") from None
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as e:
@@ -283,6 +289,10 @@ def build_student(path: str, device: str | torch.device = "cpu", cache_dir: str 
     if pretrained and Path(pretrained).is_file() and model.clip_spec:
         model.clip_spec = {**model.clip_spec, "pretrained": str(pretrained)}
     model.cache_dir = cache_dir
+    trained = ckpt.get("trained") if isinstance(ckpt.get("trained"), dict) else {}
+    base = trained.get("base_size")
+    if isinstance(base, int) and not isinstance(base, bool) and base > 0:
+        model.default_protocol = {"short_side": base}  # the scale it learnt at, unless --short-side says otherwise
     model.weights_info = {"pretrained": str(path), "weights_file": str(path),
                           "text_encoder": {k: v for k, v in (model.clip_spec or {}).items() if k != "config"}}
     return model.to(device).eval()
@@ -401,7 +411,7 @@ def init_backbone(model: DeepLabV2Student, spec: str | None) -> str:
                 "labels than from ImageNet weights (MaskCLIP+ starts from ImageNet)")
     if spec == "imagenet":
         if model.arch.width != 64 or model.arch.stem_width != 64 or model.arch.depth not in DEPTHS:
-            raise ValueError("--backbone-weights imagenet needs a standard ResNet (--depth 50 or 101)")
+            raise ValueError("--backbone-weights imagenet needs a standard ResNet (--width 64)")
         sd, source = imagenet_state_dict(model.arch.depth), "torchvision ImageNet"
     else:
         sd, source = state_dict_of(load_weights(spec), spec), spec

@@ -8,6 +8,7 @@ option and the kind) before anything is loaded, instead of being silently ignore
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -55,6 +56,8 @@ def build_maskclip(name: str, pretrained: str | None = "openai", cache_dir: str 
     if model_config:
         register_model_config(model_config)
     clip_model, tokenizer, info = create_clip(name, pretrained, cache_dir=cache_dir, device=device)
+    if model_config:  # recorded in run.json: distill rebuilds the same model from it
+        info["model_config"] = str(Path(model_config).resolve())
     if method == "auto":
         method = default_method("resnet" if hasattr(clip_model.visual, "attnpool") else "vit")
     if method in VFM_METHODS:
@@ -106,6 +109,10 @@ def build_lseg(path: str, device: str | torch.device = "cpu") -> Segmenter:
 
     return build(path, device=device)
 
+
+# Kinds whose models bring a protocol of their own (``Segmenter.default_protocol``), known only once
+# the model is loaded: LSeg's evaluation, a student's training scale.
+OWN_PROTOCOL_KINDS = frozenset({"lseg", "student"})
 
 SEGMENTERS: dict[str, Callable[..., Segmenter]] = {
     "maskclip": build_maskclip,

@@ -1,0 +1,222 @@
+"""What ``seglabel distill`` chooses when not told (issue 14): the student's size by device, the
+training scale from the pseudo-labels, the online teacher from their run record, augmentation;
+what it records (config.json, student.pt) and how the student then labels by default; and the
+pieces the defaults are made of (colour-affinity loss, ignoring unsure teacher pixels, confidence
+maps of offline labels)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_CONFIGS, write_images
+from seglabel.distill import DistillConfig, OnlineTeacher, default_iters, resolve_settings, resolve_teacher, train
+from seglabel.distill_data import Augment, DataError, PairDataset, scan_pairs
+from seglabel.distill_loss import colour_affinity_loss
+from seglabel.labelset import load_labelset
+from test_annotate_cli import annotate, run
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def cfg(**kw) -> DistillConfig:
+    return DistillConfig(images="photos", out="run", **kw)
+
+
+def annotate_record(short_side=64, model="maskclip:ViT-B-16") -> dict:
+    return {"model": model, "settings": {"protocol": {"short_side": short_side, "pamr": False}}}
+
+
+# -- resolution of the automatic defaults ---------------------------------------------------------
+def test_student_size_follows_the_device():
+    cpu = resolve_settings(cfg(), {}, 128, CPU)
+    assert (cpu.depth, cpu.width) == (18, 32) and cpu.student["layers"] == [2, 2, 2, 2]
+    gpu = resolve_settings(cfg(), {}, 512, CUDA)
+    assert (gpu.depth, gpu.width) == (101, 64) and gpu.student["block"] == "bottleneck"
+    assert gpu.student["layers"] == [3, 4, 23, 3] and gpu.student["embed_dim"] == 512
+    # backbone weights need the standard width; explicit flags win
+    assert resolve_settings(cfg(backbone_weights="r50.pth", depth=50), {}, 512, CPU).width == 64
+    assert resolve_settings(cfg(depth=34, width=16), {}, 512, CUDA).student["width"] == 16
+
+
+def test_iterations_scale_with_the_data():
+    assert default_iters(4996, 16) == 4059  # PASCAL Context: the paper's 4k
+    assert default_iters(118_287, 16) == 8000  # COCO-Stuff: the paper's 8k
+    assert default_iters(400, 16) == 1000  # a few hundred photos: at least 1000
+    assert default_iters(10, 2) == 1000
+
+
+def test_training_scale_comes_from_the_pseudo_labels():
+    from_run = resolve_settings(cfg(), annotate_record(short_side=64), 128, CPU)
+    assert (from_run.base_size, from_run.crop) == (64, 64)
+    odd = resolve_settings(cfg(), annotate_record(short_side=100), 128, CPU)
+    assert (odd.base_size, odd.crop) == (100, 104)  # crops are multiples of 8
+    big = resolve_settings(cfg(), annotate_record(short_side=1024), 128, CPU)
+    assert (big.base_size, big.crop) == (1024, 512)
+    plain = resolve_settings(cfg(), {}, 128, CPU)  # a plain mask folder: the official 512
+    assert (plain.base_size, plain.crop) == (512, 512)
+    given = resolve_settings(cfg(base_size=96, crop=48), annotate_record(), 128, CPU)
+    assert (given.base_size, given.crop) == (96, 48)
+
+
+def test_online_teacher_is_the_model_that_made_the_pseudo_labels():
+    record = annotate_record(model="maskclip:toyclip-vit")
+    assert resolve_teacher("auto", record) == "maskclip:toyclip-vit"
+    assert resolve_teacher("auto", {}) is None  # plain masks: nobody to ask
+    assert resolve_teacher("none", record) is None
+    assert resolve_teacher("maskclip:RN50", record) == "maskclip:RN50"
+
+
+def test_photometric_distortion_only_with_an_online_teacher_and_no_colour_loss():
+    assert resolve_settings(cfg(teacher="maskclip:x", backbone_weights="imagenet"), {}, 128, CPU).photometric is True
+    assert resolve_settings(cfg(teacher="maskclip:x", affinity_weight=0.0), {}, 128, CPU).photometric is True
+    assert resolve_settings(cfg(teacher="maskclip:x"), {}, 128, CPU).photometric is False  # affinity loss on
+    assert resolve_settings(cfg(teacher=None, backbone_weights="imagenet"), {}, 128, CPU).photometric is False
+    assert resolve_settings(cfg(teacher=None, photometric=True), {}, 128, CPU).photometric is True
+
+
+def test_colour_prior_replaces_imagenet_init():
+    """From random init the affinity loss is on, and with an online teacher its least sure pixels are
+    left to it; with backbone weights the plain MaskCLIP+ loss."""
+    scratch = resolve_settings(cfg(teacher="maskclip:x"), {}, 128, CPU)
+    assert (scratch.affinity_weight, scratch.ignore_unsure) == (2.5, 0.2)
+    offline = resolve_settings(cfg(teacher=None), {}, 128, CPU)
+    assert (offline.affinity_weight, offline.ignore_unsure) == (2.5, 0.0)
+    imagenet = resolve_settings(cfg(teacher="maskclip:x", backbone_weights="imagenet"), {}, 512, CUDA)
+    assert (imagenet.affinity_weight, imagenet.ignore_unsure) == (0.0, 0.0)
+    given = resolve_settings(cfg(teacher="maskclip:x", affinity_weight=0.0, ignore_unsure=0.1), {}, 128, CPU)
+    assert (given.affinity_weight, given.ignore_unsure) == (0.0, 0.1)
+
+
+# -- what a run records, and the student's default scale -------------------------------------------
+def test_config_records_the_architecture_and_the_student_labels_at_its_scale(tmp_path, tiny_weights, small_labelset):
+    """Issue 14 item 5: config.json said ``arch: null``; a student trained at base size 48 labelled
+    at short side 512 unless told."""
+    photos = tmp_path / "photos"
+    write_images(photos, [f"{i}.jpg" for i in range(3)], size=(48, 64))
+    labels = tmp_path / "labels"
+    assert annotate([photos], labels, small_labelset, tiny_weights).returncode == 0  # short side 64
+    r = run("distill", "--pseudo", str(labels), "--images", str(photos), "--arch", "deeplabv2",
+            "--out", str(tmp_path / "run"), "--width", "8", "--iters", "2", "--batch-size", "2",
+            "--workers", "0", "--quiet")
+    assert r.returncode == 0, r.stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["arch"] == "deeplabv2"
+    assert config["student"]["depth"] == 18 and config["student"]["width"] == 8 and config["depth"] == 18
+    assert config["base_size"] == 64 and config["crop"] == 64  # from the labels' run.json
+    assert config["teacher"] == "maskclip:tiny-vit" and config["photometric"] is False
+    assert config["affinity_weight"] == 2.5 and config["ignore_unsure"] == 0.2
+    student = tmp_path / "run" / "student.pt"
+    assert torch.load(student, weights_only=True)["trained"]["base_size"] == 64
+
+    out = tmp_path / "by-student"
+    r = run("annotate", str(photos), "--labels", str(small_labelset), "--out", str(out), "--model", f"student:{student}")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "run.json").read_text())["settings"]["protocol"]["short_side"] == 64
+    out = tmp_path / "told"
+    r = run("annotate", str(photos), "--labels", str(small_labelset), "--out", str(out), "--model", f"student:{student}",
+            "--short-side", "32")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "run.json").read_text())["settings"]["protocol"]["short_side"] == 32
+
+
+# -- the pieces -------------------------------------------------------------------------------------
+def test_colour_affinity_loss_prefers_boundaries_on_colour_edges():
+    rgb = torch.zeros(2, 3, 16, 16)
+    rgb[:, :, :, 8:] = 1.0
+    inside = torch.ones(2, 16, 16, dtype=torch.bool)
+
+    def split_at(column: int) -> torch.Tensor:
+        logits = torch.zeros(2, 2, 16, 16)
+        logits[:, 0, :, :column] = 10
+        logits[:, 1, :, column:] = 10
+        return logits
+
+    on_edge = colour_affinity_loss(split_at(8), rgb, inside)
+    off_edge = colour_affinity_loss(split_at(5), rgb, inside)
+    assert on_edge < 1e-3 < 0.05 < off_edge
+    logits = split_at(5).requires_grad_()
+    colour_affinity_loss(logits, rgb, inside).backward()
+    assert logits.grad.abs().sum() > 0
+    # padding takes no part: a wrong split there costs nothing
+    inside[:, :, :8] = False
+    assert colour_affinity_loss(split_at(5), rgb, inside) < 1e-3
+    # low-resolution logits are upsampled to the image first
+    assert colour_affinity_loss(torch.zeros(2, 3, 2, 2), rgb, inside).isfinite()
+
+
+def test_colour_affinity_loss_only_speaks_where_the_teacher_is_silent():
+    rgb = torch.zeros(1, 3, 16, 16)
+    rgb[:, :, :, 8:] = 1.0
+    inside = torch.ones(1, 16, 16, dtype=torch.bool)
+    logits = torch.zeros(1, 2, 16, 16)
+    logits[:, 0] = 10  # one class everywhere: no pair disagrees
+    logits[:, 1, :, 8:] = 20
+    logits[:, 0, :, 5:8] = -10  # class 1 bleeds three columns past the colour edge
+    logits[:, 1, :, 5:8] = 10
+    band = torch.zeros(1, 16, 16, dtype=torch.bool)
+    band[:, :, 4:9] = True  # the teacher was unsure along the edge
+    assert colour_affinity_loss(logits, rgb, inside, band) > 0.1
+    assert colour_affinity_loss(logits, rgb, inside, torch.zeros_like(band)) == 0  # labelled everywhere: silent
+    far = torch.zeros_like(band)
+    far[:, :, 12:] = True  # unlabelled only where predictions agree
+    assert colour_affinity_loss(logits, rgb, inside, far) < 1e-3
+
+
+def test_online_teacher_ignores_the_least_sure_fraction(tmp_path, tiny_weights, small_labelset):
+    from seglabel.models.clip import register_model_config
+    from seglabel.models.deeplab import DeepLabV2Student, StudentArch
+
+    register_model_config(TINY_CONFIGS["tiny-vit"])
+    labelset = load_labelset(small_labelset)
+    student = DeepLabV2Student(StudentArch.resnet(18, 32, width=8, stem_width=8))
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 32, 32)
+    valid = torch.zeros(2, 32, 32, dtype=torch.long)
+    valid[:, :, 28:] = 255  # padding
+    common = dict(images="x", out="y", teacher="maskclip:tiny-vit", pretrained=str(tiny_weights["tiny-vit"]),
+                  model_config=str(TINY_CONFIGS["tiny-vit"]))
+    plain = OnlineTeacher(DistillConfig(**common), labelset, {}, CPU)(images, valid, student, 255)
+    assert (plain[:, :, 28:] == 255).all() and (plain[:, :, :28] != 255).all()
+    unsure = OnlineTeacher(DistillConfig(**common, ignore_unsure=0.25), labelset, {}, CPU)(images, valid, student, 255)
+    ignored = (unsure[:, :, :28] == 255).float().mean().item()
+    assert 0.24 <= ignored <= 0.30  # ties at the cut may add a few
+    kept = unsure != 255
+    assert torch.equal(unsure[kept], plain[kept])  # the rest keeps the teacher's labels
+
+
+def test_offline_labels_below_min_confidence_are_ignored(tmp_path):
+    photos, masks, scores = tmp_path / "photos", tmp_path / "masks", tmp_path / "scores"
+    write_images(photos, ["a.png"], size=(32, 32))
+    masks.mkdir()
+    scores.mkdir()
+    Image.fromarray(np.ones((32, 32), np.uint8)).save(masks / "a.png")
+    conf = np.full((32, 32), 65535, np.uint16)
+    conf[:, :16] = 20000  # probability 0.31 on the left half
+    Image.fromarray(conf).save(scores / "a.png")
+    scan = scan_pairs(photos, masks, 3, 255, scores=scores)
+    assert scan.pairs[0].scores == scores / "a.png"
+    aug = Augment(crop=32, base_size=32, scale_range=(1.0, 1.0), flip=False, photometric=False)
+    _, target = PairDataset(scan.pairs, aug, (0, 0, 0), (1, 1, 1), 255, min_confidence=0.5)[0]
+    assert (target[:, :16] == 255).all() and (target[:, 16:] == 1).all()
+    # a mask without its confidence map is a reported skip
+    (scores / "a.png").unlink()
+    with pytest.raises(DataError, match="no usable"):
+        scan_pairs(photos, masks, 3, 255, scores=scores)
+
+
+def test_min_confidence_without_scores_is_one_line(tmp_path, tiny_weights, small_labelset):
+    photos, masks = tmp_path / "photos", tmp_path / "masks"
+    write_images(photos, ["a.png"], size=(32, 32))
+    masks.mkdir()
+    Image.fromarray(np.ones((32, 32), np.uint8)).save(masks / "a.png")
+    config = DistillConfig(images=str(photos), pseudo=str(masks), out=str(tmp_path / "run"), labels=str(small_labelset),
+                           clip="tiny-vit", pretrained=str(tiny_weights["tiny-vit"]),
+                           model_config=str(TINY_CONFIGS["tiny-vit"]), min_confidence=0.5, device="cpu")
+    with pytest.raises(DataError, match="--save-scores") as e:
+        train(config)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
