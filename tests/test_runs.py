@@ -202,6 +202,29 @@ def test_sigterm_is_handled_like_ctrl_c_and_exits_143(tmp_path, small_labelset, 
     check_finished_in_flight_and_resumes(out, argv)
 
 
+@pytest.mark.parametrize("failure", [RuntimeError("DataLoader worker (pid 7) exited unexpectedly"),
+                                     ConnectionResetError(104, "Connection reset by peer")])
+def test_a_loader_ended_by_the_same_signal_is_the_stop_not_an_error(failure):
+    # SIGTERM to a Slurm job reaches the loader process too; when it dies handing over a tensor the
+    # parent's fetch fails before the parent acts on its own (held) signal.
+    from seglabel.annotate import _until_stopped
+    from seglabel.errors import Terminated
+    from seglabel.interrupts import _Stop
+
+    def loaded():
+        yield "first"
+        raise failure
+
+    stop = _Stop()
+    images = _until_stopped(loaded(), stop)
+    assert next(images) == "first"
+    stop.on_signal(signal.SIGTERM, None)
+    with pytest.raises(Terminated):
+        next(images)
+    with pytest.raises(type(failure)):  # with no stop asked for, the failure is the failure
+        list(_until_stopped(loaded(), _Stop()))
+
+
 # -- write errors -----------------------------------------------------------------------------------
 
 

@@ -225,12 +225,13 @@ def _label(todo: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSet, 
 
 def _until_stopped(loaded: Iterator[Loaded], stop) -> Iterator[Loaded]:
     """The loaded images until a held signal asks to stop. A loader process that the same signal
-    ended (SIGTERM reaches every process of a Slurm job) fails the fetch: that is the stop too."""
+    ended (SIGTERM reaches every process of a Slurm job) fails the fetch, as a RuntimeError or, when
+    it dies while handing over a tensor, a ConnectionResetError: that is the stop too."""
     try:
         for ld in loaded:
             stop.raise_if_stopped()
             yield ld
-    except RuntimeError:
+    except Exception:
         stop.raise_if_stopped()
         raise
 

@@ -97,17 +97,17 @@ def build_regions(spec: str, device: str | torch.device = "cpu", cache_dir: str 
 
 
 def _sam(what: str, device, cache_dir) -> MaskGenerator:
+    key, hub_file = _SAM_NAMES.get(what, (None, None))
+    source = WeightSource(hub_file=hub_file, url=f"https://dl.fbaipublicfiles.com/segment_anything/{hub_file}",
+                          download="torch.hub.load_state_dict_from_url of SAM's checkpoint") if key else WeightSource()
+    path = resolve_weights("SAM", source, None if key else what, "--regions sam:", cache_dir)
+    sd = state_dict_of(load_weights(path), path)
     try:
         from segment_anything import SamAutomaticMaskGenerator
     except ImportError:
         raise ImportError("--regions sam needs the segment-anything package: pip install 'seglabel[vfm]'") from None
     from .vfm import build_sam
 
-    key, hub_file = _SAM_NAMES.get(what, (None, None))
-    source = WeightSource(hub_file=hub_file, url=f"https://dl.fbaipublicfiles.com/segment_anything/{hub_file}",
-                          download="torch.hub.load_state_dict_from_url of SAM's checkpoint") if key else WeightSource()
-    path = resolve_weights("SAM", source, None if key else what, "--regions sam:", cache_dir)
-    sd = state_dict_of(load_weights(path), path)
     width = sd.get("image_encoder.patch_embed.proj.weight", torch.empty(0)).shape[:1]
     key = key or {(768,): "vit_b", (1024,): "vit_l", (1280,): "vit_h"}.get(tuple(width))
     if key is None:
@@ -117,11 +117,7 @@ def _sam(what: str, device, cache_dir) -> MaskGenerator:
 
 
 def _sam2(kind: str, what: str, device, cache_dir) -> MaskGenerator:
-    try:
-        from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
-        from sam2.build_sam import build_sam2
-    except ImportError:
-        raise ImportError("--regions sam2 needs the sam2 package: pip install 'seglabel[sam2]'") from None
+    # The user's file is checked (and a hostile pickle refused) before the package is needed.
     named = re.fullmatch(r"hiera-(tiny|small|base-plus|large)", what)
     source = WeightSource()
     if named:
@@ -130,6 +126,11 @@ def _sam2(kind: str, what: str, device, cache_dir) -> MaskGenerator:
                               download=f"huggingface_hub.hf_hub_download('facebook/{kind}-hiera-{named.group(1)}', '{stem}.pt')")
     path = resolve_weights("SAM 2", source, None if named else what, "--regions sam2:", cache_dir)
     sd = state_dict_of(load_weights(path), path)
+    try:
+        from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+        from sam2.build_sam import build_sam2
+    except ImportError:
+        raise ImportError("--regions sam2 needs the sam2 package: pip install 'seglabel[sam2]'") from None
     config = _sam2_config(sd, path)
     model = build_sam2(config, None, device=str(device), apply_postprocessing=False)
     try:
