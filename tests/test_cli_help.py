@@ -31,9 +31,19 @@ def test_annotate_help_groups_options_and_shows_flags_as_flags():
 
 
 def test_distill_and_the_other_commands_show_no_bool_type():
-    for command in (["eval"], ["preview"], ["models"], ["--help"]):
+    for command in (["distill"], ["eval"], ["preview"], ["models"], ["--help"]):
         r = run(*command, "--help") if command != ["--help"] else run("--help")
         assert r.returncode == 0 and "<bool>" not in r.stdout, command
+
+
+def test_distill_help_groups_options_from_inputs_to_run():
+    text = run("distill", "--help").stdout
+    at = [text.index(f"─ {panel} ─") for panel in ("Inputs", "Teacher", "Student", "Training", "Outputs", "Run")]
+    assert at == sorted(at)
+    assert at[0] < text.index("--pseudo") < at[1] < text.index("--ignore-unsure") < at[2] < text.index("--depth") < at[3]
+    assert at[3] < text.index("--affinity-weight") < at[4] < text.index("--save-every") < at[5] < text.index("--no-amp")
+    r = run("distill", "--images", "x", "--out", "y", "--quiet", "yes")
+    assert r.returncode == 2 and "--quiet is a flag and takes no value" in r.stderr, r.stderr
 
 
 @pytest.mark.slow

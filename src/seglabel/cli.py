@@ -5,12 +5,24 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import typer
 
 from . import exitcodes
-from .cli_handler import exit_code_of, guarded, say, usage_line
+from .cli_handler import (
+    INPUTS,
+    MODEL,
+    OUTPUTS,
+    PROTOCOL,
+    RUN,
+    exit_code_of,
+    flag,
+    guarded,
+    option,
+    say,
+    usage_line,
+)
 from .errors import UsageError, one_line
 from .interrupts import terminate_like_ctrl_c
 from .labelset import LabelSetError, load_labelset
@@ -19,19 +31,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Per-pixel labels for folders of images with open-vocabulary segmenters.")
 labelsets_app = typer.Typer(no_args_is_help=True, help="Validate label set files.")
 app.add_typer(labelsets_app, name="labelsets")
-
-# Help panels of annotate and distill: what a user looks for first comes first.
-INPUTS, MODEL, PROTOCOL, OUTPUTS, RUN = "Inputs", "Model", "Protocol", "Outputs", "Run"
-
-
-def option(default: Any, *names: str, help: str, panel: str | None = None, metavar: str | None = None) -> Any:
-    return typer.Option(default, *names, help=help, rich_help_panel=panel, metavar=metavar)
-
-
-def flag(*names: str, help: str, panel: str | None = None) -> Any:
-    """An on/off switch: shown without a value type, and refused with one (``--overlay true``)."""
-    return typer.Option(False, *names, help=help, rich_help_panel=panel, metavar="", show_default=False)
-
 
 def _version(show: bool) -> None:
     if show:
@@ -124,10 +123,12 @@ def annotate(
     quiet: bool = flag("--quiet", "-q", panel=RUN, help="No progress bar or summary on stderr."),
 ) -> int:
     """Label every pixel of every image with the classes of a label set."""
-    from .annotate import AnnotateConfig, annotate as run_annotate
+    from .annotate import AnnotateConfig
+    from .annotate import annotate as run_annotate
     from .images import IMAGE_SUFFIXES, find_images, read_lines
     from .predict import Protocol
-    from .recipe import PROTOCOL_FIELDS, Recipe, check, dry_run as plan_run, prepare
+    from .recipe import PROTOCOL_FIELDS, Recipe, check, prepare
+    from .recipe import dry_run as plan_run
     from .runs import parse_shard, select_shard, shard_part
 
     if not inputs and not from_list:
@@ -283,7 +284,13 @@ class _progress:
     def __enter__(self):
         if self.show_bar and sys.stderr.isatty():
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
             self.bar = Progress(TextColumn("labelling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                 console=Console(stderr=True), transient=True)
@@ -419,11 +426,11 @@ def _refuse_values_of_flags(command, args: list[str]) -> None:
     while rest and rest[0] in getattr(command, "commands", {}):
         command, rest = command.commands[rest[0]], rest[1:]
     flags = {o for p in command.params if getattr(p, "is_flag", False) for o in [*p.opts, *p.secondary_opts]}
-    for flag, word in zip(rest, rest[1:]):
-        if flag == "--":
+    for given, word in zip(rest, rest[1:]):
+        if given == "--":
             return
-        if flag in flags and word.lower() in _BOOLEAN_WORDS and not os.path.exists(word):
-            raise UsageError(f"{flag} {word}: {flag} is a flag and takes no value; give {flag} alone, or leave it out")
+        if given in flags and word.lower() in _BOOLEAN_WORDS and not os.path.exists(word):
+            raise UsageError(f"{given} {word}: {given} is a flag and takes no value; give {given} alone, or leave it out")
 
 
 if __name__ == "__main__":

@@ -11,70 +11,99 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import typer
-
 from . import exitcodes
-from .cli_handler import guarded
+from .cli_handler import (
+    INPUTS,
+    OUTPUTS,
+    RUN,
+    STUDENT,
+    TEACHER,
+    TRAINING,
+    flag,
+    guarded,
+    option,
+)
 from .errors import UsageError
 from .writers import check_output_folder
 
 
 @guarded
 def distill(
-    images: Path = typer.Option(..., "--images", help="Folder of the images the pseudo-labels were made from."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run folder: last.pt (resume), student.pt, log.jsonl."),
-    pseudo: Optional[Path] = typer.Option(None, "--pseudo", help="annotate's output folder (masks/ + run.json) or a folder of mask PNGs."),
-    labels: Optional[Path] = typer.Option(None, "--labels", "-l", help="Label set YAML (default: the one in --pseudo's run.json)."),
-    teacher: str = typer.Option("auto", "--teacher", help="Who labels each training crop online (MaskCLIP+): auto = the "
-                                "model that made --pseudo (its run.json), none = nobody (train on --pseudo's masks "
-                                "as written, e.g. after you corrected them), or a model spec (maskclip:ViT-B-16)."),
-    arch: str = typer.Option("deeplabv2", "--arch", help="Student architecture (deeplabv2)."),
-    depth: Optional[int] = typer.Option(None, "--depth", help="ResNet depth of the student: 18, 34, 50 or 101 "
-                                        "(default: 101 on CUDA, 18 on a CPU)."),
-    width: Optional[int] = typer.Option(None, "--width", min=8, help="Channels of the first ResNet stage; 64 is "
-                                        "the standard ResNet (default: 64 on CUDA or with --backbone-weights, "
-                                        "else 32 on a CPU)."),
-    backbone_weights: Optional[str] = typer.Option(None, "--backbone-weights", help="ResNet weights file (torchvision, timm or mmseg), 'imagenet', or none."),
-    clip: Optional[str] = typer.Option(None, "--clip", help="open_clip text encoder (default: from --pseudo's run.json)."),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Its pretrained tag or weights file (default: from run.json)."),
-    model_config: Optional[Path] = typer.Option(None, "--model-config", help="open_clip model config JSON to register."),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="CLIP weights cache."),
-    iters: Optional[int] = typer.Option(None, "--iters", min=1, help="Training iterations (default: 13 passes over "
-                                        "the images, 1000-8000, as the paper's 2k-8k; a larger value on a finished "
-                                        "or interrupted run continues it)."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Global batch, split across processes."),
-    crop: Optional[int] = typer.Option(None, "--crop", min=8, help="Training crop side, a multiple of 8 "
-                                       "(default: the base size, at most 512)."),
-    base_size: Optional[int] = typer.Option(None, "--base-size", min=8, help="Short side before the random rescale "
-                                            "(default: the short side the pseudo-labels were made at, else 512); "
-                                            "the student labels at it unless annotate gets --short-side."),
-    lr: float = typer.Option(0.01, "--lr", min=0.0, help="Base learning rate (poly decay, power 0.9, floor 1e-4)."),
-    self_train_after: int = typer.Option(0, "--self-train-after", min=0, help="From this iteration the student labels itself (0: never)."),
-    photometric: Optional[bool] = typer.Option(None, "--photometric/--no-photometric", help="Random brightness, "
-                                               "contrast, saturation and hue (default: only with --teacher, which "
-                                               "labels the distorted crop)."),
-    scale_min: float = typer.Option(0.5, "--scale-min", min=0.01, help="Random rescale factor, low end."),
-    scale_max: float = typer.Option(2.0, "--scale-max", min=0.01, help="Random rescale factor, high end."),
-    min_confidence: float = typer.Option(0.0, "--min-confidence", min=0.0, max=1.0, help="Ignore pseudo-label "
-                                         "pixels the teacher gave a lower probability (needs annotate "
-                                         "--save-scores, or --teacher)."),
-    ignore_unsure: Optional[float] = typer.Option(None, "--ignore-unsure", min=0.0, max=0.99, help="With an online "
-                                                  "teacher: ignore this fraction of each batch's pixels, those the "
-                                                  "teacher is least sure of (default: 0.2 with the affinity loss, else 0)."),
-    affinity_weight: Optional[float] = typer.Option(None, "--affinity-weight", min=0.0, help="Weight of the colour-"
-                                                    "affinity loss: neighbouring pixels of similar colour get the same "
-                                                    "class (default: 2.5 from random init, 0 with --backbone-weights)."),
-    affinity_sigma: float = typer.Option(0.1, "--affinity-sigma", min=1e-3, help="Its colour scale (RGB in 0-1)."),
-    save_every: int = typer.Option(500, "--save-every", min=1, help="Write last.pt every N iterations."),
-    log_every: int = typer.Option(10, "--log-every", min=1, help="Progress line and log.jsonl record every N iterations."),
-    val_images: Optional[Path] = typer.Option(None, "--val-images", help="Validation images."),
-    val_masks: Optional[Path] = typer.Option(None, "--val-masks", help="Their ground-truth masks (class ids of the label set)."),
-    val_every: int = typer.Option(500, "--val-every", min=1, help="Validation mIoU every N iterations."),
-    workers: int = typer.Option(2, "--workers", min=0, help="Data loading processes per training process."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA."),
-    seed: int = typer.Option(0, "--seed", help="Seed of initialisation, data order and augmentation."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr (log.jsonl is still written)."),
+    # Inputs
+    pseudo: Optional[Path] = option(None, "--pseudo", panel=INPUTS, help="annotate's output folder (masks/ + "
+                                    "run.json) or a folder of mask PNGs."),
+    images: Path = option(..., "--images", panel=INPUTS, help="Folder of the images the pseudo-labels were made from."),
+    labels: Optional[Path] = option(None, "--labels", "-l", panel=INPUTS, help="Label set YAML (default: the one "
+                                    "in --pseudo's run.json)."),
+    # Teacher
+    teacher: str = option("auto", "--teacher", panel=TEACHER, help="Who labels each training crop online "
+                          "(MaskCLIP+): auto = the model that made --pseudo (its run.json), none = nobody (train on "
+                          "--pseudo's masks as written, e.g. after you corrected them), or a model spec "
+                          "(maskclip:ViT-B-16)."),
+    clip: Optional[str] = option(None, "--clip", panel=TEACHER, help="open_clip text encoder of the student's "
+                                 "classifier (default: from --pseudo's run.json)."),
+    pretrained: Optional[str] = option(None, "--pretrained", panel=TEACHER, help="Its pretrained tag or weights "
+                                       "file (default: from run.json)."),
+    model_config: Optional[Path] = option(None, "--model-config", panel=TEACHER, help="open_clip model config JSON "
+                                          "to register."),
+    cache_dir: Optional[str] = option(None, "--cache-dir", panel=TEACHER, help="CLIP weights cache."),
+    min_confidence: float = option(0.0, "--min-confidence", panel=TEACHER, min=0.0, max=1.0, help="Ignore "
+                                   "pseudo-label pixels the teacher gave a lower probability (needs annotate "
+                                   "--save-scores, or --teacher)."),
+    ignore_unsure: Optional[float] = option(None, "--ignore-unsure", panel=TEACHER, min=0.0, max=0.99, help="With "
+                                            "an online teacher: ignore this fraction of each batch's pixels, those "
+                                            "the teacher is least sure of (default: 0.2 with the affinity loss, "
+                                            "else 0)."),
+    # Student
+    arch: str = option("deeplabv2", "--arch", panel=STUDENT, help="Student architecture (deeplabv2)."),
+    depth: Optional[int] = option(None, "--depth", panel=STUDENT, help="ResNet depth of the student: 18, 34, 50 "
+                                  "or 101 (default: 101 on CUDA, 18 on a CPU)."),
+    width: Optional[int] = option(None, "--width", panel=STUDENT, min=8, help="Channels of the first ResNet "
+                                  "stage; 64 is the standard ResNet (default: 64 on CUDA or with "
+                                  "--backbone-weights, else 32 on a CPU)."),
+    backbone_weights: Optional[str] = option(None, "--backbone-weights", panel=STUDENT, help="ResNet weights file "
+                                             "(torchvision, timm or mmseg), 'imagenet', or none."),
+    # Training
+    iters: Optional[int] = option(None, "--iters", panel=TRAINING, min=1, help="Training iterations (default: 13 "
+                                  "passes over the images, 1000-8000, as the paper's 2k-8k; a larger value on a "
+                                  "finished or interrupted run continues it)."),
+    batch_size: int = option(16, "--batch-size", panel=TRAINING, min=1, help="Global batch, split across processes."),
+    base_size: Optional[int] = option(None, "--base-size", panel=TRAINING, min=8, help="Short side before the "
+                                      "random rescale (default: the short side the pseudo-labels were made at, "
+                                      "else 512); the student labels at it unless annotate gets --short-side."),
+    crop: Optional[int] = option(None, "--crop", panel=TRAINING, min=8, help="Training crop side, a multiple of 8 "
+                                 "(default: the base size, at most 512)."),
+    lr: float = option(0.01, "--lr", panel=TRAINING, min=0.0, help="Base learning rate (poly decay, power 0.9, "
+                       "floor 1e-4)."),
+    affinity_weight: Optional[float] = option(None, "--affinity-weight", panel=TRAINING, min=0.0, help="Weight of "
+                                              "the colour-affinity loss: neighbouring pixels of similar colour get "
+                                              "the same class (default: 2.5 from random init, 0 with "
+                                              "--backbone-weights)."),
+    affinity_sigma: float = option(0.1, "--affinity-sigma", panel=TRAINING, min=1e-3, help="Its colour scale "
+                                   "(RGB in 0-1)."),
+    self_train_after: int = option(0, "--self-train-after", panel=TRAINING, min=0, help="From this iteration the "
+                                   "student labels itself (0: never)."),
+    photometric: Optional[bool] = flag("--photometric/--no-photometric", panel=TRAINING, default=None,
+                                       help="Random brightness, contrast, saturation and hue (default: on with an "
+                                       "online teacher and no affinity loss, which it would mislead)."),
+    scale_min: float = option(0.5, "--scale-min", panel=TRAINING, min=0.01, help="Random rescale factor, low end."),
+    scale_max: float = option(2.0, "--scale-max", panel=TRAINING, min=0.01, help="Random rescale factor, high end."),
+    seed: int = option(0, "--seed", panel=TRAINING, help="Seed of initialisation, data order and augmentation."),
+    # Outputs
+    out: Path = option(..., "--out", "-o", panel=OUTPUTS, help="Run folder: last.pt (resume), student.pt, "
+                       "log.jsonl."),
+    save_every: int = option(500, "--save-every", panel=OUTPUTS, min=1, help="Write last.pt every N iterations."),
+    log_every: int = option(10, "--log-every", panel=OUTPUTS, min=1, help="Progress line and log.jsonl record "
+                            "every N iterations."),
+    val_images: Optional[Path] = option(None, "--val-images", panel=OUTPUTS, help="Validation images."),
+    val_masks: Optional[Path] = option(None, "--val-masks", panel=OUTPUTS, help="Their ground-truth masks (class "
+                                       "ids of the label set)."),
+    val_every: int = option(500, "--val-every", panel=OUTPUTS, min=1, help="Validation mIoU every N iterations."),
+    # Run
+    device: str = option("auto", "--device", panel=RUN, help="auto, cpu or cuda."),
+    workers: int = option(2, "--workers", panel=RUN, min=0, help="Data loading processes per training process."),
+    amp: bool = flag("--amp/--no-amp", panel=RUN, default=True, help="Mixed precision on CUDA (default: on)."),
+    quiet: bool = flag("--quiet", "-q", panel=RUN, help="No progress on stderr (log.jsonl is still written)."),
 ) -> int:
     """Train a DeepLabv2 student on pseudo-labels (MaskCLIP+); label new folders with --model student:OUT/student.pt."""
     from .distill import DistillConfig, train

@@ -16,6 +16,21 @@ from . import exitcodes
 from .errors import SeglabelError, interrupt_exit_code, one_line
 from .interrupts import terminate_like_ctrl_c
 
+# Help panels: what a user looks for first comes first.
+INPUTS, MODEL, PROTOCOL, OUTPUTS, RUN = "Inputs", "Model", "Protocol", "Outputs", "Run"
+TEACHER, STUDENT, TRAINING = "Teacher", "Student", "Training"
+
+
+def option(default: Any, *names: str, help: str, panel: str | None = None, metavar: str | None = None,
+           **limits: Any) -> Any:
+    return typer.Option(default, *names, help=help, rich_help_panel=panel, metavar=metavar, **limits)
+
+
+def flag(*names: str, help: str, panel: str | None = None, default: bool | None = False) -> Any:
+    """An on/off switch (or an ``--x/--no-x`` pair): shown without a value type, and refused with
+    one (``--overlay true``)."""
+    return typer.Option(default, *names, help=help, rich_help_panel=panel, metavar="", show_default=False)
+
 
 def say(message: str, level: str = "error") -> None:
     typer.echo(f"seglabel: {level}: {one_line(message)}", err=True)
