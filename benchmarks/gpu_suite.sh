@@ -4,6 +4,7 @@
 #      short side 512, bf16, batch 32, 640x480 JPEGs made here), JPEGs decoded on the CPU and on
 #      the GPU, against Predictor alone and the model alone on pre-loaded batches; peak GPU memory;
 #   2. distill: DeepLabv2-R101 training iterations/s at crop 512, batch 16, AMP; peak GPU memory;
+#      and the toy world's MaskCLIP+ loop on the GPU (does the student beat its teacher there too);
 #   3. the test suite's CUDA-marked tests;
 #   4. how far GPU-decoded pixels and labels are from the CPU path's;
 #   5. the writers' speed per core on this machine's CPU.
@@ -34,11 +35,13 @@ if [ "$SMOKE" = 1 ]; then
   DEVICE=cpu; MODEL=(--model maskclip:tiny-vit --model-config tests/fixtures/tiny-vit.json)
   IMAGES=${IMAGES:-12}; SIZE=120x160; SHORT=64; BATCH=4; PRECISION=fp32
   DISTILL=(--device cpu --depth 18 --crop 64 --batch 1 --iters 1 --warmup 0 --classes 5)
+  TOY_DISTILL=(--train-n 8 --test-n 4 --short-side 32 -- --device cpu --iters 2 --workers 0)
   BUDGET=420  # generous: CI machines are slow and shared; the 8 minutes are for the GPU run
 else
   DEVICE=cuda; MODEL=(--model maskclip:ViT-B-16)
   IMAGES=${IMAGES:-8192}; SIZE=480x640; SHORT=512; BATCH=32; PRECISION=bf16
   DISTILL=(--device cuda --depth 101 --crop 512 --batch 16 --iters 20 --warmup 3 --amp)
+  TOY_DISTILL=(-- --device cuda)
   BUDGET=450  # seconds for all steps: the whole suite stays under 8 minutes
 fi
 
@@ -108,6 +111,9 @@ sys.argv = ["distill_speed.py"] + sys.argv[1:]
 runpy.run_path("benchmarks/distill_speed.py", run_name="__main__")
 if torch.cuda.is_available() and "cuda" in sys.argv:
     print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")' "${DISTILL[@]}"
+
+step "distill on the toy world: teacher and student mIoU on held-out scenes" 120 \
+  "$PY" benchmarks/toyworld/distill_quality.py "${TOY_DISTILL[@]}"
 
 CUDA_TESTS=$(grep -l "pytest.mark.cuda" tests/test_*.py | tr '\n' ' ')
 # shellcheck disable=SC2086

@@ -23,6 +23,7 @@ def test_gpu_suite_cpu_smoke():
     for mode in ("model", "predict", "pipeline-cpu", "pipeline-device"):
         assert re.search(rf"^  {mode}\b.* [0-9.]+ images/s", out, re.M), mode
     assert re.search(r"DeepLabv2-R18 .* [0-9.]+ it/s", out)
+    assert re.search(r"^teacher mIoU [0-9.]+  student mIoU [0-9.]+  difference [-+][0-9.]+$", out, re.M)
     assert re.search(r"^\d+ skipped, \d+ deselected in", out, re.M)  # cuda-marked tests found, skipped (no GPU)
     for kind in ("baseline 4:2:0", "baseline 4:4:4", "progressive 4:2:0"):
         assert re.search(rf"^  {kind} +0 +0\.000 +0\.00%$", out, re.M), kind

@@ -116,11 +116,12 @@ def test_config_records_the_architecture_and_the_student_labels_at_its_scale(tmp
     r = run("annotate", str(photos), "--labels", str(small_labelset), "--out", str(out), "--model", f"student:{student}")
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "run.json").read_text())["settings"]["protocol"]["short_side"] == 64
-    out = tmp_path / "told"
-    r = run("annotate", str(photos), "--labels", str(small_labelset), "--out", str(out), "--model", f"student:{student}",
-            "--short-side", "32")
-    assert r.returncode == 0, r.stderr
-    assert json.loads((out / "run.json").read_text())["settings"]["protocol"]["short_side"] == 32
+    for told in (32, 512):  # a short side given is the one used, also seglabel's default 512
+        out = tmp_path / f"told-{told}"
+        r = run("annotate", str(photos), "--labels", str(small_labelset), "--out", str(out), "--model",
+                f"student:{student}", "--short-side", str(told))
+        assert r.returncode == 0, r.stderr
+        assert json.loads((out / "run.json").read_text())["settings"]["protocol"]["short_side"] == told
 
 
 # -- the pieces -------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def test_killed_distill_resumes_from_its_checkpoint(tmp_path, distill_args):
     saved = iteration_of(out / "last.pt")  # whole: written atomically, whenever the kill came
     assert 0 < saved < ITERS and saved % SAVE_EVERY == 0
     before = {rec["iter"]: rec["loss"] for rec in read_log(out / "log.jsonl")}
-    (out / ".last.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")  # as a kill during a save leaves
+    (out / ".last.pt.seglabel-0badf00d.tmp").write_bytes(b"half a checkpoint")  # as a kill during a save leaves
 
     r = run(*distill_args(out))
     assert r.returncode == 0, r.stderr
@@ -119,8 +119,10 @@ def test_killed_before_any_checkpoint_starts_over_cleanly(tmp_path, tiny_weights
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "log.jsonl").write_text('{"iter": 1, "loss": 9.0}\n{"iter": 2, "lo')
-    (run_dir / ".student.pt.x7f3.tmp").write_bytes(b"half")
+    (run_dir / ".student.pt.seglabel-1234abcd.tmp").write_bytes(b"half")
+    (run_dir / ".notes.txt.tmp").write_text("the user's own")  # not ours: never removed
     train(make_config(tmp_path, tiny_weights, small_labelset, iters=2))
     log = read_log(run_dir / "log.jsonl")
     assert [rec["iter"] for rec in log] == [1, 2] and log[0]["loss"] != 9.0
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "last.pt", "log.jsonl", "student.pt"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".notes.txt.tmp", "config.json", "last.pt", "log.jsonl",
+                                                         "student.pt"]

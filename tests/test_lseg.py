@@ -557,6 +557,11 @@ def test_annotate_records_the_protocol_it_ran_and_resumes(ckpts, tmp_path):
     # the same command again resumes: the stored settings (JSON lists) equal the new ones (tuples)
     again = annotate(items, model, labelset, AnnotateConfig(out=out), argv=[])
     assert (again.labelled, again.skipped) == (0, 1)
+    # the protocol exactly as given (the command line's --short-side 512): seglabel's own
+    plain = annotate(items, model, labelset, AnnotateConfig(out=tmp_path / "plain", own_protocol=False), argv=[])
+    assert plain.labelled == 1
+    protocol = json.loads((tmp_path / "plain" / "run.json").read_text())["settings"]["protocol"]
+    assert (protocol["tta"], protocol["short_side"]) == (False, 512)
 
 
 # -- the command line -----------------------------------------------------------------------------------

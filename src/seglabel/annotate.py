@@ -55,6 +55,7 @@ class AnnotateConfig:
     decode: str = "auto"  # JPEGs: auto (on the GPU when there is one) | cpu | device (loader.decode_device)
     part: str | None = None  # this run is one part of a job (a shard, a Ray actor): no coco.json
     cleanup: bool = True  # look for temporaries a killed run left (a walk of ``out``)
+    own_protocol: bool = True  # a model with a protocol of its own (LSeg, a student) uses it (resolve_protocol)
 
 
 @dataclass
@@ -125,7 +126,8 @@ def annotate(items: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSe
     inputs, writer threads encode and write; an image is done when its record is written (last,
     after its other outputs). Nothing is written before the protocol and settings checks pass."""
     out = Path(config.out)
-    config = replace(config, protocol=resolve_protocol(config.protocol, segmenter))  # LSeg: its own evaluation
+    if config.own_protocol:  # LSeg: its own evaluation; a student: its training scale
+        config = replace(config, protocol=resolve_protocol(config.protocol, segmenter))
     check_protocol(config.protocol, segmenter)  # before anything is written
     settings = settings_of(labelset, segmenter, config)
     with run_lock(out, config.part):
@@ -160,7 +162,7 @@ def _label(todo: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSet, 
         segmenter.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
     if config.compile and not hasattr(segmenter.forward, "_torchdynamo_orig_callable"):
         segmenter.forward = torch.compile(segmenter.forward, dynamic=True)
-    predictor = Predictor(segmenter, config.protocol, config.batch_size)
+    predictor = Predictor(segmenter, config.protocol, config.batch_size, own_protocol=False)  # resolved above
     workers = default_workers(device) if config.workers is None else config.workers
     memory = MemoryCheck.now(config.protocol, len(labelset), segmenter.stride, config.overlay, config.save_scores)
     writer = BackgroundWriter(config.writer_threads, limit=2 * config.batch_size + 2)

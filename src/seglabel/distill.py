@@ -25,7 +25,7 @@ from .distill_loss import colour_affinity_loss, segmentation_loss  # noqa: F401 
 from .distill_data import Augment, DataError, PairDataset, SampleNumbers, scan_pairs, worker_init
 from .labelset import LabelSet, load_labelset, parse_labelset
 from .models.deeplab import DeepLabV2Student, StudentArch, encode_labelset, init_backbone, student_checkpoint
-from .writers import RUN_FILE, SCORES, atomic_path, write_json
+from .writers import RUN_FILE, SCORES, atomic_path, temporary_target, write_json
 
 LAST, STUDENT, LOG = "last.pt", "student.pt", "log.jsonl"
 # Settings a resumed run must share with the run that wrote last.pt (the rest may change: logging,
@@ -289,9 +289,10 @@ def _save(path: Path, obj: dict[str, Any]) -> None:
 
 
 def _remove_leftovers(out: Path) -> None:
-    """Temporary files of a run killed while saving (``.last.pt.XXXX.tmp``)."""
-    for name in (LAST, STUDENT, "config.json"):
-        for tmp in out.glob(f".{name}.*.tmp"):
+    """Our temporary files of a run killed while saving (``.last.pt.seglabel-XXXXXXXX.tmp``);
+    a user's own ``.*.tmp`` files in the folder are left alone."""
+    for tmp in out.glob(".*.tmp"):
+        if temporary_target(tmp.name) in (LAST, STUDENT, "config.json"):
             try:
                 tmp.unlink()
             except OSError:

@@ -154,8 +154,10 @@ def prepare_pixels(pixels: torch.Tensor, protocol: Protocol, mean: Sequence[floa
 class Predictor:
     """Runs a segmenter on RGB images under a protocol and returns full-size labels."""
 
-    def __init__(self, segmenter: Segmenter, protocol: Protocol = Protocol(), batch_size: int = 1) -> None:
-        protocol = resolve_protocol(protocol, segmenter)
+    def __init__(self, segmenter: Segmenter, protocol: Protocol = Protocol(), batch_size: int = 1,
+                 own_protocol: bool = True) -> None:
+        if own_protocol:  # the model's own protocol in place of the default (resolve_protocol)
+            protocol = resolve_protocol(protocol, segmenter)
         check_protocol(protocol, segmenter)
         self.model = segmenter.eval()
         self.protocol = protocol

@@ -102,6 +102,8 @@ def prepare(recipe: Recipe, checked: Checked | None = None) -> Prepared:
         model_config=recipe.model_config, method=recipe.method or "auto", logit_scale=recipe.logit_scale,
         key_smoothing=recipe.key_smoothing, prompt_denoising=recipe.prompt_denoising, **recipe.model_options)
     config = recipe.config
+    if "short_side" in recipe.explicit:  # --short-side 512 given is 512, not the model's own scale
+        config = dataclasses.replace(config, own_protocol=False)
     if recipe.protocol_name == "paper":  # the method is known once the tower is
         config = dataclasses.replace(config, protocol=_paper_protocol(getattr(segmenter, "method", "maskclip"),
                                                                       config.protocol, recipe.explicit))
