@@ -2,24 +2,18 @@
 exit 2, no traceback, and nothing on disk changed."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import TINY_CONFIGS, write_images
 from test_annotate_cli import run
+from test_distill import write_masks
 
 
 @pytest.fixture
 def distill_cmd(tmp_path, tiny_weights, small_labelset):
     photos, masks = tmp_path / "photos", tmp_path / "masks"
     write_images(photos, [f"{i}.jpg" for i in range(2)], size=(48, 64))
-    masks.mkdir()
-    for i in range(2):
-        mask = np.zeros((48, 64), dtype=np.uint8)
-        mask[24:] = 1
-        Image.fromarray(mask).save(masks / f"{i}.png")
+    write_masks(masks, [f"{i}.jpg" for i in range(2)], size=(48, 64))
 
     def cmd(out, *extra: str) -> list[str]:
         return ["distill", "--pseudo", str(masks), "--labels", str(small_labelset), "--images", str(photos),

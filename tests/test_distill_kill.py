@@ -13,13 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import TINY_CONFIGS, write_images
 from test_annotate_cli import run
+from test_distill import write_masks
 
 ITERS, SAVE_EVERY = 40, 3  # enough iterations after the first checkpoint for the kill to land on a fast CPU
 
@@ -29,11 +27,8 @@ def distill_args(tmp_path, tiny_weights, small_labelset):
     """Images, a plain mask folder, the label set and a tiny text encoder: no annotate run needed."""
     photos, masks = tmp_path / "photos", tmp_path / "masks"
     write_images(photos, [f"{i}.jpg" for i in range(4)], size=(48, 64))
-    masks.mkdir()
-    for i in range(4):
-        mask = np.zeros((48, 64), dtype=np.uint8)
-        mask[24:] = 1 + i % 2
-        Image.fromarray(mask).save(masks / f"{i}.png")
+    for bottom in (1, 2):  # two ground classes, so the loss has something to learn
+        write_masks(masks, [f"{i}.jpg" for i in range(bottom - 1, 4, 2)], size=(48, 64), value_bottom=bottom)
 
     def args(out: Path, iters: int = ITERS) -> list[str]:
         return ["distill", "--pseudo", str(masks), "--labels", str(small_labelset), "--images", str(photos),
@@ -111,8 +106,9 @@ def test_killed_distill_resumes_from_its_checkpoint(tmp_path, distill_args):
 def test_killed_before_any_checkpoint_starts_over_cleanly(tmp_path, tiny_weights, small_labelset):
     """No last.pt yet: the rerun starts at 0, drops the log lines of the killed attempt (one cut
     short by the kill among them) and the temporary file of a save the kill interrupted."""
+    from test_distill import make_config
+
     from seglabel.distill import train
-    from test_distill import make_config, write_masks
 
     write_images(tmp_path / "photos", ["a.jpg", "b.jpg"], size=(48, 64))
     write_masks(tmp_path / "pseudo", ["a.jpg", "b.jpg"])

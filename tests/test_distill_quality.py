@@ -1,0 +1,67 @@
+"""The point of distillation (MaskCLIP+): the student labels better than its teacher.
+
+The whole loop on a small toy world, as a user runs it: the teacher (the toy CLIP, the default
+method, no PAMR) writes pseudo-labels of 120 training scenes with ``seglabel annotate``; their
+ground truth is deleted unread; ``seglabel distill`` with its defaults (only a shorter schedule);
+teacher and student label 60 held-out scenes at the same input size and ``seglabel.evaluate``
+scores both. Broken distillation (wrong targets, a classifier that drifts, labels at the wrong
+scale, no learning) leaves the student at or below its teacher and fails this test.
+
+Measured (benchmarks/toyworld/distill_quality.py --train-n 120 --train-seed 11 --test-n 60
+--test-seed 777 -- --iters 800, 4 min on a loaded 2-core CPU): see MEASURED below; the full benchmark (400 / 200 scenes, plain
+defaults) gives teacher 0.770, student 0.852.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_annotate_cli import run
+
+REPO = Path(__file__).parent.parent
+FIXTURE = REPO / "tests" / "fixtures" / "toyclip"
+LABELS = REPO / "labelsets" / "toyworld.yaml"
+sys.path.insert(0, str(REPO / "benchmarks" / "toyworld"))
+
+ITERS = 800
+MEASURED = "teacher 0.765, student 0.816 (+0.051); training scenes of seed 12: +0.074; 700 iterations: +0.058"
+MARGIN = 0.03  # the issue's bar for the full benchmark; the measured gain here is about twice it
+
+
+def teacher_annotate(images: Path, out: Path) -> None:
+    r = run("annotate", str(images), "--labels", str(LABELS), "--out", str(out), "--model", "maskclip:toyclip-vit",
+            "--model-config", str(FIXTURE / "toyclip-vit.json"), "--pretrained",
+            str(FIXTURE / "toyclip-vit.safetensors"), "--short-side", "64", "--batch-size", "16", "--quiet")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow
+def test_the_student_labels_held_out_scenes_better_than_its_teacher(tmp_path):
+    import scenes
+
+    from seglabel.evaluate import evaluate_folders
+    from seglabel.labelset import load_labelset
+
+    train, test = tmp_path / "train", tmp_path / "test"
+    scenes.write_dataset(train, 120, 11)
+    scenes.write_dataset(test, 60, 777)
+    shutil.rmtree(train / "gt")  # never used: the student learns from its teacher only
+
+    teacher_annotate(train / "images", tmp_path / "pseudo")
+    teacher_annotate(test / "images", tmp_path / "teacher")
+    r = run("distill", "--pseudo", str(tmp_path / "pseudo"), "--images", str(train / "images"),
+            "--out", str(tmp_path / "run"), "--iters", str(ITERS), "--quiet")
+    assert r.returncode == 0, r.stderr
+    r = run("annotate", str(test / "images"), "--labels", str(LABELS), "--out", str(tmp_path / "student"),
+            "--model", f"student:{tmp_path / 'run' / 'student.pt'}", "--batch-size", "16", "--quiet")
+    assert r.returncode == 0, r.stderr
+
+    labelset = load_labelset(LABELS)
+    teacher = evaluate_folders(tmp_path / "teacher", test / "gt", labelset)
+    student = evaluate_folders(tmp_path / "student", test / "gt", labelset)
+    assert teacher.images == student.images == 60
+    assert student.miou >= teacher.miou + MARGIN, (f"teacher {teacher.miou:.3f}, student {student.miou:.3f} "
+                                                   f"(measured {MEASURED})")
