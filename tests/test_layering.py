@@ -13,7 +13,7 @@ FLOORS = {
     0: ["errors", "exitcodes", "labelset", "images", "checkpoints", "layout", "interrupts"],
     1: ["text", "refine", "writers", "evaluate"],
     2: ["models"],
-    3: ["predict", "tta", "loader", "runs", "memory", "decode", "distill_data"],
+    3: ["predict", "tta", "loader", "runs", "memory", "decode", "distill_data", "distill_loss"],
     4: ["annotate", "distill", "review", "exports"],
     5: ["recipe"],
     6: ["cli", "cli_distill", "cli_handler", "ray", "__main__", "__init__"],
