@@ -2,6 +2,7 @@
 weights saved as files, and folders of generated images."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -85,3 +86,29 @@ def small_labelset(tmp_path) -> Path:
         "    color: '#804080'\n"
     )
     return p
+
+
+def gated_seglabel(target: str) -> list[str]:
+    """``python -m seglabel`` in which ``target`` (``module:function``, looked up at each call)
+    waits, after $SEGLABEL_TEST_GATE_AFTER calls, until the file $SEGLABEL_TEST_GATE exists. A test
+    signals once that much progress shows and then opens the gate (or never does, for SIGKILL), so
+    the signal always lands mid-run however fast the machine (a fast CI machine once finished all
+    150 images before the signal came)."""
+    module, function = target.split(":")
+    code = f"""
+import os, threading, time
+import {module} as target
+from seglabel.cli import main
+real, gate, lock, count = target.{function}, os.environ["SEGLABEL_TEST_GATE"], threading.Lock(), [0]
+after = int(os.environ["SEGLABEL_TEST_GATE_AFTER"])
+def gated(*args, **kwargs):
+    with lock:
+        count[0] += 1
+        n = count[0]
+    while n > after and not os.path.exists(gate):
+        time.sleep(0.01)
+    return real(*args, **kwargs)
+target.{function} = gated
+main()
+"""
+    return [sys.executable, "-c", code]

@@ -9,17 +9,16 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS, write_images
+from conftest import TINY_CONFIGS, gated_seglabel, write_images
 from test_annotate_cli import run
 from test_distill import write_masks
 
-ITERS, SAVE_EVERY = 40, 3  # enough iterations after the first checkpoint for the kill to land on a fast CPU
+ITERS, SAVE_EVERY = 40, 3
 
 
 @pytest.fixture
@@ -49,8 +48,10 @@ def student_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def kill_after_first_checkpoint(cmd: list[str], out: Path, delay: float) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "seglabel", *cmd], env=env,
+    # the last iteration waits at a gate that never opens: the run cannot finish before the kill
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SEGLABEL_TEST_GATE": str(out.parent / "never"),
+           "SEGLABEL_TEST_GATE_AFTER": str(ITERS - 1)}
+    proc = subprocess.Popen([*gated_seglabel("seglabel.distill:segmentation_loss"), *cmd], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 240

@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 
 from test_distill_kill import distill_args, iteration_of, read_log  # noqa: F401 - distill_args is a fixture
+from conftest import gated_seglabel
 from test_runs import signal_group_when
 
 ITERS = 20
@@ -19,11 +19,14 @@ ITERS = 20
 @pytest.mark.slow
 def test_sigterm_saves_last_pt_and_the_rerun_resumes(tmp_path, distill_args):  # noqa: F811
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "seglabel", *distill_args(out, iters=ITERS), "--save-every", "1000",
-           "--workers", "1"]  # no periodic checkpoint: last.pt can only come from the SIGTERM
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # the third iteration waits at a gate until the signal has been sent (see gated_seglabel)
+    cmd = [*gated_seglabel("seglabel.distill:segmentation_loss"), *distill_args(out, iters=ITERS),
+           "--save-every", "1000", "--workers", "1"]  # no periodic checkpoint: last.pt can only come from the SIGTERM
+    gate = tmp_path / "gate"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SEGLABEL_TEST_GATE": str(gate), "SEGLABEL_TEST_GATE_AFTER": "2"}
     code, stderr = signal_group_when(cmd, lambda: (out / "log.jsonl").is_file() and len(read_log(out / "log.jsonl")) >= 2,
-                                     "two logged iterations", signal.SIGTERM, tmp_path / "stderr.txt", env)
+                                     "two logged iterations", signal.SIGTERM, tmp_path / "stderr.txt", env,
+                                     after_signal=gate.touch)
     assert code == 143, stderr
     assert stderr.strip().splitlines()[-1] == "seglabel: error: terminated (SIGTERM); run the same command to resume"
     assert not (out / "student.pt").exists()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_CONFIGS, write_images
+from conftest import TINY_CONFIGS, gated_seglabel, write_images
 from seglabel.runs import parse_shard, run_lock, select_shard
 from test_annotate_cli import annotate
 
@@ -109,15 +109,18 @@ def test_sigkill_at_random_points_then_rerun_gives_identical_outputs(tmp_path, s
 
     rng = random.Random(20261123)
     argv = annotate_argv(photos, killed, small_labelset, tiny_weights) + ["--workers", "1"]  # a loader process too
+    records = lambda: len(list((killed / "records").glob("*.json")))  # noqa: E731
     kills = 0
     for _ in range(6):
-        proc = subprocess.Popen(argv, start_new_session=True)
-        start = time.monotonic()
-        while not (killed / "masks").exists() and time.monotonic() - start < 60 and proc.poll() is None:
-            time.sleep(0.02)  # wait for labelling to start: kill while files are being written
-        time.sleep(rng.uniform(0.0, 0.6))
-        if proc.poll() is not None:
-            break
+        done = records()
+        # Kill once 1-8 more images are done, while others are being written; the image after
+        # the last one left waits at a gate that never opens, so the run cannot end first.
+        target = done + rng.randint(1, 8)
+        env = {**os.environ, "SEGLABEL_TEST_GATE": str(tmp_path / "never"),
+               "SEGLABEL_TEST_GATE_AFTER": str(60 - done - 1)}
+        proc = subprocess.Popen([*gated_seglabel("seglabel.annotate:_write_image"), *argv[3:]], env=env,
+                                start_new_session=True)
+        wait_for(lambda: records() >= target, proc, f"{target} labelled images")
         os.killpg(proc.pid, signal.SIGKILL)  # the run and its loader processes, as the OOM killer would
         proc.wait()
         kills += 1
@@ -145,25 +148,33 @@ def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 600)
 
 def stop_mid_run(tmp_path, small_labelset, tiny_weights, signum: int) -> tuple[Path, list[str], int, str]:
     """150 images with a loader process; ``signum`` to the whole process group (as a terminal's
-    Ctrl-C, or Slurm's preemption) once three images are done. Returns (out, argv, exit code, stderr)."""
+    Ctrl-C, or Slurm's preemption) once three images are done, while the fourth waits at the gate.
+    Returns (out, argv, exit code, stderr)."""
     photos = tmp_path / "photos"
     write_images(photos, [f"{i:03d}.png" for i in range(150)], size=(72, 96))
     out = tmp_path / "out"
+    gate = tmp_path / "gate"
+    env = {**os.environ, "SEGLABEL_TEST_GATE": str(gate), "SEGLABEL_TEST_GATE_AFTER": "3"}
     argv = annotate_argv(photos, out, small_labelset, tiny_weights)[:-1] + ["--workers", "1"]  # summary on stderr
+    argv = [*gated_seglabel("seglabel.annotate:_write_image"), *argv[3:]]
     code, stderr = signal_group_when(argv, lambda: len(list((out / "records").glob("*.json"))) >= 3,
-                                     "three labelled images", signum, tmp_path / "stderr.txt")
+                                     "three labelled images", signum, tmp_path / "stderr.txt", env=env,
+                                     after_signal=gate.touch)
     return out, argv, code, stderr
 
 
 def signal_group_when(argv: list[str], ready, what: str, signum: int, stderr_file: Path,
-                      env: dict[str, str] | None = None) -> tuple[int, str]:
+                      env: dict[str, str] | None = None, after_signal=None) -> tuple[int, str]:
     """Start ``argv`` in a process group of its own, send ``signum`` to the whole group once
-    ``ready()`` (observable progress, see ``wait_for``), wait for it; (exit code, stderr)."""
+    ``ready()`` (observable progress, see ``wait_for``), call ``after_signal()``, wait for it;
+    (exit code, stderr)."""
     with open(stderr_file, "w+") as err:
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         try:
             wait_for(ready, proc, what)
             os.killpg(proc.pid, signum)
+            if after_signal:
+                after_signal()
             proc.wait(timeout=600)
         finally:
             if proc.poll() is None:
@@ -181,7 +192,8 @@ def check_finished_in_flight_and_resumes(out: Path, argv: list[str]) -> None:
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "interrupted" and run["summary"]["labelled"] == len(records)
     assert len(json.loads((out / "coco.json").read_text())["images"]) == len(records)
-    r = subprocess.run(argv + ["--json"], capture_output=True, text=True, timeout=600)  # the rerun resumes
+    env = {**os.environ, "SEGLABEL_TEST_GATE": str(out.parent / "gate"), "SEGLABEL_TEST_GATE_AFTER": "0"}  # open
+    r = subprocess.run(argv + ["--json"], capture_output=True, text=True, timeout=600, env=env)  # the rerun resumes
     summary = json.loads(r.stdout)
     assert r.returncode == 0 and summary["skipped"] == len(records) and summary["labelled"] == 150 - len(records)
 
