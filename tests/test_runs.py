@@ -163,13 +163,21 @@ def stop_mid_run(tmp_path, small_labelset, tiny_weights, signum: int) -> tuple[P
     return out, argv, code, stderr
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    # A shell starts background jobs with SIGINT ignored, and the child would inherit that (seglabel
+    # rightly leaves an ignored SIGINT ignored): a test suite run in the background must not change
+    # what this test sees.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def signal_group_when(argv: list[str], ready, what: str, signum: int, stderr_file: Path,
                       env: dict[str, str] | None = None, after_signal=None) -> tuple[int, str]:
     """Start ``argv`` in a process group of its own, send ``signum`` to the whole group once
     ``ready()`` (observable progress, see ``wait_for``), call ``after_signal()``, wait for it;
     (exit code, stderr)."""
     with open(stderr_file, "w+") as err:
-        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                                preexec_fn=_ctrl_c_as_in_a_terminal)
         try:
             wait_for(ready, proc, what)
             os.killpg(proc.pid, signum)
