@@ -358,16 +358,19 @@ def preview(
 @guarded
 def export(
     out: Path = typer.Argument(..., help="annotate's output folder."),
-    fmt: str = typer.Option(..., "--format", "-f", help="cvat, labelstudio or fiftyone."),
+    fmt: str = typer.Option(..., "--format", "-f", help="cvat, labelstudio, fiftyone, hf (Hugging Face dataset) or webdataset."),
     dest: Optional[Path] = typer.Option(None, "--dest", help="Output folder (default: OUT/export/FORMAT)."),
     images: List[Path] = typer.Option([], "--images", help="Folder the photos were labelled from (if not where run.json says)."),
     document_root: Optional[Path] = typer.Option(None, "--document-root",
                                                  help="labelstudio: LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; image paths relative to it."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1,
+                                             help="hf, webdataset: images per shard (default 1000; shards also stop near 500 MB)."),
 ) -> int:
-    """Export the labels for review in CVAT, Label Studio or FiftyOne."""
+    """Export the labels for review in CVAT, Label Studio or FiftyOne, or as a training data set
+    (Hugging Face dataset, WebDataset shards)."""
     from .exports import export as run_export
 
-    result = run_export(out, fmt, dest, images, document_root)
+    result = run_export(out, fmt, dest, images, document_root, shard_size=shard_size)
     for note in result.notes:
         typer.echo(one_line(note), err=True)
     typer.echo(f"{result.images} images -> {result.dest}", err=True)
