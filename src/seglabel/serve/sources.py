@@ -6,12 +6,15 @@ storage, REL relative to its document root), ``/data/upload/...`` (an uploaded f
 absolute URL. Every other URL, every path that leaves the document root (``..``, a symbolic
 link pointing outside), and every absolute URL of another host is refused: the backend must
 not become a way to read any file or any address its machine can reach. Label Studio is asked
-without following redirects (a redirect could lead anywhere) and with a size cap.
+without following redirects (a redirect could lead anywhere) and with a size cap, with a legacy
+API token or a personal access token (exchanged for an access token, renewed when it expires).
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
@@ -50,6 +53,8 @@ class ImageSource:
                              "LABEL_STUDIO_API_KEY) to read images through it")
         self.token, self.max_bytes, self.timeout = token, max_bytes, timeout
         self._opener = urllib.request.build_opener(_NoRedirects)
+        self._access: str | None = None  # from a personal access token
+        self._lock = threading.Lock()
 
     def describe(self) -> str:
         where = ([f"files under {self.root}"] if self.root else []) + ([f"Label Studio at {self.url}"] if self.url else [])
@@ -92,26 +97,60 @@ class ImageSource:
 
     @contextmanager
     def _download(self, url: str) -> Iterator[Path]:
-        request = urllib.request.Request(url, headers={"Authorization": f"Token {self.token}"})
         fd, name = tempfile.mkstemp(prefix="seglabel-serve-", suffix=Path(urlsplit(url).path).suffix[:8])
         try:
             with os.fdopen(fd, "wb") as f:
-                try:
-                    with self._opener.open(request, timeout=self.timeout) as response:
-                        left = self.max_bytes
-                        while chunk := response.read(min(1 << 20, left + 1)):
-                            left -= len(chunk)
-                            if left < 0:
-                                raise ImageRefused(f"{url}: larger than {self.max_bytes} bytes; refused")
-                            f.write(chunk)
-                except urllib.error.HTTPError as e:
-                    raise ImageRefused(f"{url}: Label Studio answered {e.code} {e.reason}") from None
-                except (urllib.error.URLError, OSError) as e:
-                    reason = getattr(e, "reason", None) or e
-                    raise ImageRefused(f"{url}: cannot reach Label Studio ({reason})") from None
+                self._fetch_into(url, f)
             yield Path(name)
         finally:
             os.unlink(name)
+
+    def _fetch_into(self, url: str, f) -> None:
+        try:
+            try:
+                self._fetch(url, f)
+            except urllib.error.HTTPError as e:
+                if e.code != 401 or not _is_jwt(self.token):
+                    raise
+                with self._lock:
+                    self._access = None  # the access token expired: a new one, once
+                f.seek(0)
+                f.truncate()
+                self._fetch(url, f)
+        except urllib.error.HTTPError as e:
+            raise ImageRefused(f"{url}: Label Studio answered {e.code} {e.reason}") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise ImageRefused(f"{url}: cannot reach Label Studio ({reason})") from None
+
+    def _fetch(self, url: str, f) -> None:
+        request = urllib.request.Request(url, headers={"Authorization": self._authorization()})
+        with self._opener.open(request, timeout=self.timeout) as response:
+            left = self.max_bytes
+            while chunk := response.read(min(1 << 20, left + 1)):
+                left -= len(chunk)
+                if left < 0:
+                    raise ImageRefused(f"{url}: larger than {self.max_bytes} bytes; refused")
+                f.write(chunk)
+
+    def _authorization(self) -> str:
+        """A legacy token as it is; a personal access token (a JWT, Label Studio 1.23's default)
+        is exchanged for a short-lived access token first, as Label Studio's SDK does."""
+        if not _is_jwt(self.token):
+            return f"Token {self.token}"
+        with self._lock:
+            if self._access is None:
+                request = urllib.request.Request(urljoin(self.url, "api/token/refresh/"), method="POST",
+                                                 data=json.dumps({"refresh": self.token}).encode(),
+                                                 headers={"Content-Type": "application/json"})
+                try:
+                    with self._opener.open(request, timeout=self.timeout) as response:
+                        self._access = json.loads(response.read(1 << 20))["access"]
+                except urllib.error.HTTPError as e:
+                    raise ImageRefused(f"Label Studio refused the personal access token ({e.code} {e.reason})") from None
+                except (ValueError, KeyError, TypeError):
+                    raise ImageRefused("Label Studio's token refresh gave no access token") from None
+            return f"Bearer {self._access}"
 
 
 def _base_url(url: str) -> str:
@@ -126,6 +165,10 @@ def _same_site(url: str, base: str) -> bool:
     a, b = urlsplit(url), urlsplit(base)
     return (a.scheme, a.hostname, a.port or _PORTS.get(a.scheme)) == (b.scheme, b.hostname, b.port or _PORTS.get(b.scheme)) \
         and (a.path + "/").startswith(b.path) and "@" not in a.netloc
+
+
+def _is_jwt(token: str | None) -> bool:
+    return bool(token) and token.count(".") == 2
 
 
 _PORTS = {"http": 80, "https": 443}
