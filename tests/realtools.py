@@ -208,8 +208,14 @@ class LabelStudio:
         selected = selected or {"all": True, "excluded": []}
         return self.request("POST", f"/api/dm/actions?id={name}&project={project}", {"selectedItems": selected})
 
-    def export(self, project: int, fmt: str = "JSON") -> bytes:
-        return self.request("GET", f"/api/projects/{project}/export?exportType={fmt}", raw=True)
+    def annotate(self, task: int, result: list[dict]) -> dict:
+        """An annotation of ``task`` as an annotator submits it (e.g. a corrected prediction)."""
+        return self.request("POST", f"/api/tasks/{task}/annotations", {"result": result, "was_cancelled": False})
+
+    def export(self, project: int, fmt: str = "JSON", all_tasks: bool = False) -> bytes:
+        """The project's export (by default, as Label Studio does, only tasks with annotations)."""
+        flag = "&download_all_tasks=true" if all_tasks else ""
+        return self.request("GET", f"/api/projects/{project}/export?exportType={fmt}{flag}", raw=True)
 
     def decode_brush(self, rles: list[list[int]], folder: Path) -> list[np.ndarray]:
         """Each brush RLE decoded by Label Studio's own SDK (label_studio_sdk.converter.brush), as a

@@ -85,6 +85,14 @@ def test_export_imported_into_label_studio(label_studio, tmp_path):
         painted = np.sum([m for m in got.values()], axis=0)
         assert painted.max() == 1 and ((painted == 0) == (mask == 255)).all()  # ignored pixels unpainted
 
+    # an annotator accepts the first task's prediction as it is: Label Studio's export has it
+    accepted = tasks[0]["predictions"][0]["result"]
+    ls.annotate(tasks[0]["id"], accepted)
+    exported = json.loads(ls.export(project))
+    assert [t["data"]["seglabel_key"] for t in exported] == ["a"]
+    [annotation] = exported[0]["annotations"]
+    assert [r["value"]["rle"] for r in annotation["result"]] == [r["value"]["rle"] for r in accepted]
+
 
 # -- seglabel serve --labelstudio -----------------------------------------------------------------
 TOY = ["--model", "maskclip:toyclip-vit", "--model-config", str(REPO / "tests/fixtures/toyclip/toyclip-vit.json"),
