@@ -382,6 +382,10 @@ from .cli_distill import distill  # noqa: E402  (its heavy imports are inside th
 
 app.command("distill")(distill)
 
+from .cli_serve import serve_command  # noqa: E402  (annotate's model flags, the same objects)
+
+app.command("serve")(serve_command(annotate))
+
 
 def main(argv: list[str] | None = None) -> None:
     sys.exit(run(argv))

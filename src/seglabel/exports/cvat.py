@@ -9,8 +9,9 @@ line per class in pixel-value order, and ignored pixels (255) become one more la
 ``ignore`` (VOC's void colour), at the next id. Datumaro reads these masks as 8-bit, so this
 zip needs at most 255 classes; the COCO zip has no such limit.
 
-COCO 1.0 is annotate's ``coco.json`` as ``annotations/instances_default.json``: category ids
-start at 1 (CVAT drops annotations of category 0), masks as RLE.
+COCO 1.0 is annotate's ``coco.json`` as ``annotations/instances_default.json`` beside an empty
+``images/`` folder (Datumaro's COCO importer, CVAT's library, refuses a dataset without it):
+category ids start at 1 (CVAT drops annotations of category 0), masks as RLE.
 """
 from __future__ import annotations
 
@@ -83,4 +84,6 @@ def _write_coco_zip(run: RunOutput, path: Path) -> None:
         raise OutputFolderError(f"{coco}: not found; rerun seglabel annotate on the same folder to write it")
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
         z.write(coco, "annotations/instances_default.json")
+        # an empty images/ folder, as a COCO dataset has: Datumaro's importer refuses one without it
+        z.writestr(zipfile.ZipInfo("images/", (1980, 1, 1, 0, 0, 0)), b"")
 
