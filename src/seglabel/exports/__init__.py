@@ -1,11 +1,13 @@
 """``seglabel export``: an annotate output as files that CVAT, Label Studio or FiftyOne import.
 
 Exported masks are always grayscale PNGs of class indices (never palette PNGs), so OpenCV's
-``cv2.imread(path, cv2.IMREAD_UNCHANGED)``, which those tools use, reads indices.
+``cv2.imread(path, cv2.IMREAD_UNCHANGED)``, which those tools use, reads indices. Every format is
+made from the masks as they are now (run_output.py); an image whose mask cannot be shipped (its
+photo changed since, another size, a value that is no class) is left out and listed in ``left_out``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -18,7 +20,8 @@ FORMATS = ("cvat", "labelstudio", "fiftyone")
 class ExportResult:
     dest: Path
     images: int
-    notes: list[str]  # what to do next, and anything left out
+    notes: list[str]  # what to do next
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): images not exported
 
 
 def export(out: str | Path, fmt: str, dest: str | Path | None = None, image_roots: Sequence[str | Path] = (),
@@ -42,7 +45,7 @@ def export(out: str | Path, fmt: str, dest: str | Path | None = None, image_root
         from .fiftyone_layout import write_fiftyone
 
         notes = write_fiftyone(run, dest, on_image)
-    return ExportResult(dest, len(run.entries), notes)
+    return ExportResult(dest, len(run.entries), notes, run.left_out)
 
 
 __all__ = ["FORMATS", "ExportResult", "OutputFolderError", "export"]
