@@ -65,6 +65,7 @@ def warnings(r) -> list[str]:
     return [line for line in r.stderr.splitlines() if line.startswith("seglabel: warning: ")]
 
 
+@pytest.mark.slow
 def test_labelsets_check_warns_by_the_default_clip_tokenizer(tmp_path):
     labels = tmp_path / "long.yaml"
     write_long_prompts(labels, 40)
@@ -77,6 +78,7 @@ def test_labelsets_check_warns_by_the_default_clip_tokenizer(tmp_path):
     assert warnings(run("labelsets", "check", str(labels))) == []
 
 
+@pytest.mark.slow
 def test_labelsets_check_with_another_towers_tokenizer(tmp_path):
     labels = tmp_path / "long.yaml"
     write_long_prompts(labels, 12)  # past tiny-vit's 24 tokens, within CLIP's 77

@@ -24,6 +24,7 @@ def tree(folder: Path) -> dict[str, bytes | None]:
 
 
 # -- 1: --out already holds files seglabel did not write ------------------------------------------------
+@pytest.mark.slow
 def test_an_out_with_foreign_files_under_our_names_is_refused_and_left_as_it_was(tmp_path, tiny_weights,
                                                                                  small_labelset):
     dataset = tmp_path / "dataset"
@@ -69,6 +70,7 @@ def test_merge_refuses_a_folder_that_holds_no_seglabel_run(tmp_path):
 
 
 # -- 2: an input tree that holds seglabel's own output -------------------------------------------------
+@pytest.mark.slow
 def test_outputs_under_an_input_are_skipped_and_counted(tmp_path, tiny_weights, small_labelset):
     photos = tmp_path / "photos"
     write_images(photos, ["a.jpg", "x/b.jpg"])
@@ -156,6 +158,7 @@ def test_list_problems_name_the_entry_as_written(tmp_path):
 
 
 # -- 8: quiet is not silent about failures ---------------------------------------------------------------
+@pytest.mark.slow
 def test_quiet_still_names_each_failed_image(tmp_path, tiny_weights, small_labelset):
     photos = tmp_path / "photos"
     write_images(photos, ["good.jpg"])
