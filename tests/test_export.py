@@ -18,8 +18,8 @@ from PIL import Image
 
 from seglabel.exports.brush_rle import encode, encode_mask
 from seglabel.labelset import parse_labelset
-from seglabel.writers import (MASKS, RECORDS, RUN_FILE, encode_mask_png, image_record, write_bytes, write_coco,
-                              write_json)
+from seglabel.records import write_coco
+from seglabel.writers import MASKS, RECORDS, RUN_FILE, encode_mask_png, image_record, write_bytes, write_json
 from conftest import write_images
 from test_annotate_cli import annotate, run
 

@@ -2,11 +2,13 @@
 or as a data set for training: a Hugging Face dataset (``hf``) or WebDataset tar shards.
 
 Exported masks are always grayscale PNGs of class indices (never palette PNGs), so OpenCV's
-``cv2.imread(path, cv2.IMREAD_UNCHANGED)``, which those tools use, reads indices.
+``cv2.imread(path, cv2.IMREAD_UNCHANGED)``, which those tools use, reads indices. Every format is
+made from the masks as they are now (run_output.py); an image whose mask cannot be shipped (its
+photo changed since, another size, a value that is no class) is left out and listed in ``left_out``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,7 +22,8 @@ SHARDED = ("hf", "webdataset")
 class ExportResult:
     dest: Path
     images: int
-    notes: list[str]  # what to do next, and anything left out
+    notes: list[str]  # what to do next
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): images not exported
 
 
 def export(out: str | Path, fmt: str, dest: str | Path | None = None, image_roots: Sequence[str | Path] = (),
@@ -49,7 +52,7 @@ def export(out: str | Path, fmt: str, dest: str | Path | None = None, image_root
         else:
             from .webdataset_tars import write_webdataset as write
         images, notes = write(run, dest, checked, on_image)
-        return ExportResult(dest, images, notes)
+        return ExportResult(dest, images, notes, run.left_out + checked.left_out)
     if fmt == "cvat":
         from .cvat import write_cvat
 
@@ -62,7 +65,7 @@ def export(out: str | Path, fmt: str, dest: str | Path | None = None, image_root
         from .fiftyone_layout import write_fiftyone
 
         notes = write_fiftyone(run, dest, on_image)
-    return ExportResult(dest, len(run.entries), notes)
+    return ExportResult(dest, len(run.entries), notes, run.left_out)
 
 
 __all__ = ["FORMATS", "SHARDED", "ExportResult", "OutputFolderError", "export"]

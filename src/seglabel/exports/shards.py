@@ -42,19 +42,20 @@ class Sample:
 @dataclass
 class Plan:
     shards: list[list[Sample]]
-    left_out: list[str] = field(default_factory=list)  # "file_name: reason", one per image
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # (file_name, reason), one per image
 
     @property
     def images(self) -> int:
         return sum(len(s) for s in self.shards)
 
     def leave_out(self, entry: ImageEntry, reason: str) -> None:
-        self.left_out.append(printable(f"{entry.file_name}: {reason}"))
+        self.left_out.append((printable(entry.file_name), reason))
 
     def notes(self) -> list[str]:
         if not self.left_out:
             return []
-        return [f"{len(self.left_out)} images left out (first: {self.left_out[0]}); a photo not found "
+        first = ": ".join(self.left_out[0])
+        return [f"{len(self.left_out)} images left out (first: {first}); a photo not found "
                 "needs --images DIR, the folder the photos were labelled from"]
 
 
@@ -77,7 +78,7 @@ def plan(run: RunOutput, shard_images: int = DEFAULT_SHARD_IMAGES, max_bytes: in
         size += sample.nbytes
     if not result.shards:
         raise OutputFolderError(f"{run.out}: none of the {len(run.entries)} images can be exported (first: "
-                                f"{result.left_out[0]}); pass --images DIR, the folder the photos were labelled from")
+                                f"{': '.join(result.left_out[0])}); pass --images DIR, the folder the photos were labelled from")
     return result
 
 
