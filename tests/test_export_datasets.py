@@ -272,7 +272,7 @@ def test_old_palette_masks_go_in_as_grayscale_indices(tmp_path):
 
 # -- images that cannot go in ---------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["hf", "webdataset"])
-def test_images_without_a_fitting_photo_are_left_out_with_one_note(tmp_path, fmt):
+def test_images_without_a_fitting_photo_are_left_out_one_line_each(tmp_path, fmt):
     pytest.importorskip("pyarrow", reason="needs pyarrow (pip install 'seglabel[hf]')")
     out = make_output(tmp_path, street_masks())
     (tmp_path / "photos" / "sub" / "b.jpg").unlink()
@@ -280,8 +280,10 @@ def test_images_without_a_fitting_photo_are_left_out_with_one_note(tmp_path, fmt
     Image.new("RGB", (9, 4)).save(tmp_path / "photos" / "c.jpg")  # changed since it was labelled
     result = export_files(out, fmt)
     assert result.images == 1
-    [note] = [n for n in result.notes if "left out" in n]
-    assert note.startswith("2 images left out (first: c.jpg: the photo is 9x4, its labels 4x4")
+    left_out = {Path(path).name: reason for path, reason in result.left_out}
+    assert sorted(left_out) == ["b.jpg", "c.jpg"]
+    assert left_out["b.jpg"] == "photo not found" and "changed" in left_out["c.jpg"]
+    assert any("--images DIR" in n for n in result.notes)
 
 
 @pytest.mark.parametrize("fmt", ["hf", "webdataset"])

@@ -28,6 +28,7 @@ DEFAULT_SHARD_IMAGES = 1000
 MAX_SHARD_BYTES = 500 << 20  # photos + masks; the Hub's and webdataset's usual shard size
 ORIENTATION = 0x0112  # the EXIF tag
 TURNED = (5, 6, 7, 8)  # orientations that swap width and height
+PHOTO_NOT_FOUND = "photo not found"
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,10 @@ class Plan:
         self.left_out.append((printable(entry.file_name), reason))
 
     def notes(self) -> list[str]:
-        if not self.left_out:
-            return []
-        first = ": ".join(self.left_out[0])
-        return [f"{len(self.left_out)} images left out (first: {first}); a photo not found "
-                "needs --images DIR, the folder the photos were labelled from"]
+        """What to do about the images left out (each is listed in ``left_out``)."""
+        if any(reason == PHOTO_NOT_FOUND for _, reason in self.left_out):
+            return ["a photo not found needs --images DIR, the folder the photos were labelled from"]
+        return []
 
 
 def plan(run: RunOutput, shard_images: int = DEFAULT_SHARD_IMAGES, max_bytes: int = MAX_SHARD_BYTES) -> Plan:
@@ -87,7 +87,7 @@ def _checked(run: RunOutput, entry: ImageEntry) -> Sample | str:
     expected = (entry.width, entry.height)
     photo = run.images.find(entry.file_name)
     if photo is None:
-        return "photo not found"
+        return PHOTO_NOT_FOUND
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # EXIF and palette notes
