@@ -34,7 +34,7 @@ from .urls import is_url, local_path, redact, safe_relative
 TAR_SUFFIX = ".tar"
 COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tar.xz", ".txz", ".tar.zst")
 _KEY_FIELD = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # how webdataset splits a name (base_plus_ext)
-HEADER_BLOCK = 1 << 20  # read-ahead when indexing a shard at a URL
+HEADER_BLOCK = 8 << 20  # read-ahead when indexing a shard at a URL: 500 photos of 100 kB in 0.6 s from moto here (1 MiB: 3.5 s)
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,13 @@ def index_shard(shard: str, suffixes: Iterable[str], photo_field: str | None = N
                     if info is None:
                         break
                     split = key_and_field(info.name)
-                    if split is None or not (info.isreg() or info.issym() or info.islnk()):
-                        continue  # folders, and files webdataset would not take into a sample
+                    if not (info.isreg() or info.issym() or info.islnk()):
+                        continue  # folders
+                    if split is None:  # webdataset takes no sample from it either: say so for a photo
+                        if info.name.lower().endswith(tuple(f".{s}" for s in images)):
+                            index.problems.append((f"{redact(shard)}#{info.name}", "a name webdataset takes no "
+                                                   "sample key from (it starts with a dot): not labelled"))
+                        continue
                     if split[0] != key and sample:
                         _add(index, shard, sample, images, photo_field)
                         sample = []
