@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).parent.parent / "src" / "seglabel"
 # module must be placed deliberately. models/*, exports/*, serve/* and storage/* take their package's floor.
 FLOORS = {
     0: ["errors", "exitcodes", "labelset", "images", "checkpoints", "layout", "interrupts", "storage"],
-    1: ["text", "refine", "writers", "records", "evaluate"],
+    1: ["text", "refine", "writers", "records", "evaluate", "outputs"],
     2: ["models"],
     3: ["predict", "tta", "loader", "runs", "memory", "decode", "distill_data", "distill_loss"],
     4: ["annotate", "distill", "review", "exports", "serve"],
