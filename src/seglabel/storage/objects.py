@@ -63,7 +63,7 @@ def retried(url: str, what: str, op: Callable[[], T]) -> T:
             return op()
         except StorageError:
             raise
-        except Exception as e:  # noqa: BLE001 - every filesystem raises its own classes; classify sorts them
+        except Exception as e:  # every filesystem raises its own classes; classify sorts them (and re-raises)
             kind, reason = classify(e, url)
             if kind != TRANSIENT or attempt == tries:
                 raise storage_error(e, url, attempt) from e
