@@ -77,10 +77,10 @@ def test_preview_open_without_a_browser_says_so(tmp_path, monkeypatch, capsys):
     import webbrowser
 
     from seglabel import cli
-    from seglabel.review import PreviewResult
+    from seglabel.preview import PreviewResult
 
     index = tmp_path / "preview" / "index.html"
-    monkeypatch.setattr("seglabel.review.build_preview",
+    monkeypatch.setattr("seglabel.preview.build_preview",
                         lambda *a, **k: PreviewResult(index, 1, 1, 1, []))
     monkeypatch.setattr(webbrowser, "open", lambda url: False)  # what it returns when none is found
     assert cli.run(["preview", str(tmp_path), "--open"]) == 0

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints import CheckpointError, load_weights, state_dict_of
+from ..errors import UsageError
 from .weights import WeightSource, file_identity, resolve_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -79,7 +80,7 @@ KINDS = ("dino", "dinov2", "mae", "sam", "clip")
 
 def check_proxy(spec: str) -> str:
     if spec != "clip" and spec not in PROXIES:
-        raise ValueError(f"unknown --proxy '{spec}' (known: {', '.join([*PROXIES, 'clip'])})")
+        raise UsageError(f"unknown --proxy '{spec}' (known: {', '.join([*PROXIES, 'clip'])})")
     return spec
 
 
@@ -90,7 +91,7 @@ def build_vfm(spec: str, weights: str | None = None, clip_visual: nn.Module | No
     check_proxy(spec)
     if spec == "clip":
         if weights:
-            raise ValueError("--proxy clip uses the CLIP model's own image tower: give no --proxy-weights")
+            raise UsageError("--proxy clip uses the CLIP model's own image tower: give no --proxy-weights")
         return VFM("clip", clip_visual, spec).to(device).eval()
     arch = PROXIES[spec]
     path = resolve_weights(arch.name, arch.source, weights, "--proxy-weights", cache_dir)
@@ -147,7 +148,7 @@ class VFM(nn.Module):
                  input_side: int | None = None) -> None:
         super().__init__()
         if kind not in KINDS:
-            raise ValueError(f"unknown VFM kind {kind}")
+            raise UsageError(f"unknown VFM kind {kind}")
         self.kind, self.model, self.spec, self.weights_file = kind, model, spec or kind, weights_file
         if kind == "sam":
             self.patch = model.patch_embed.proj.kernel_size[0]
@@ -193,7 +194,7 @@ class VFM(nn.Module):
     def qk(self, x: torch.Tensor) -> torch.Tensor:
         """``q + k`` of the last attention block on the patch tokens, (B, C, I, J)."""
         if self.kind == "sam":
-            raise ValueError("CorrCLIP reads q + k of a plain ViT: use --proxy dino:..., dinov2:..., mae:vitb or clip")
+            raise UsageError("CorrCLIP reads q + k of a plain ViT: use --proxy dino:..., dinov2:..., mae:vitb or clip")
         tokens, grid = self._last_block_input(x)
         if self.kind == "clip":
             last = self.model.transformer.resblocks[-1]
