@@ -54,7 +54,8 @@ def test_models_lists_every_kind_with_tags_and_the_recommended_one():
     assert set(catalog) == {"maskclip", "lseg", "student"}
     assert catalog["lseg"]["spec"] == "lseg:FILE" and catalog["student"]["example"].startswith("student:")
     models = {m["spec"]: m for m in catalog["maskclip"]["models"]}
-    assert models["maskclip:ViT-B-16"]["recommended"] == "openai" and "laion2b_s34b_b88k" in models["maskclip:ViT-B-16"]["pretrained"]
+    vit = models["maskclip:ViT-B-16"]
+    assert vit["recommended"] == "openai" and "laion2b_s34b_b88k" in vit["pretrained"]
     assert all(m["pretrained"] for m in models.values())  # --all adds those without weights
     text = run("models").stdout
     assert "lseg:FILE" in text and "student:FILE" in text and "openai*" in text and "-quickgelu" in text

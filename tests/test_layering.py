@@ -32,7 +32,8 @@ def imported(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.level:
-            base = list(rel.parent.parts)[: len(rel.parent.parts) - (node.level - 1)] if node.level > 1 else list(rel.parent.parts)
+            parents = list(rel.parent.parts)
+            base = parents[: len(parents) - (node.level - 1)] if node.level > 1 else parents
             parts = base + (node.module.split(".") if node.module else [])
             if parts:
                 found.add(parts[0])

@@ -69,7 +69,7 @@ class FakeStudio(BaseHTTPRequestHandler):
 
     seen: list = []
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         FakeStudio.seen.append((self.path, self.headers.get("Authorization")))
         if self.path.startswith("/redirect"):
             self.send_response(302)

@@ -38,7 +38,7 @@ def load_weights(path: str | Path, extra_safe_globals: list[Any] | None = None) 
 
         try:
             return load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     try:
         mmap = zipfile.is_zipfile(path)  # only the zip format of torch.save can be memory-mapped

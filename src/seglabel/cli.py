@@ -394,10 +394,10 @@ def export(
     fmt: str = typer.Option(..., "--format", "-f", help="cvat, labelstudio, fiftyone, hf (Hugging Face dataset) or webdataset."),
     dest: Optional[Path] = typer.Option(None, "--dest", help="Output folder (default: OUT/export/FORMAT)."),
     images: List[Path] = typer.Option([], "--images", help="Folder the photos were labelled from (if not where run.json says)."),
-    document_root: Optional[Path] = typer.Option(None, "--document-root",
-                                                 help="labelstudio: LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; image paths relative to it."),
-    shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1,
-                                             help="hf, webdataset: images per shard (default 1000; shards also stop near 500 MB)."),
+    document_root: Optional[Path] = typer.Option(None, "--document-root", help="labelstudio: "
+                                                 "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; image paths relative to it."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="hf, webdataset: images per shard "
+                                             "(default 1000; shards also stop near 500 MB)."),
 ) -> int:
     """Export the labels for review in CVAT, Label Studio or FiftyOne, or as a training data set
     (Hugging Face dataset, WebDataset shards)."""
@@ -440,7 +440,7 @@ def run(argv: list[str] | None = None) -> int:
             return exitcodes.USAGE
         say(usage_line(e, args))
         return getattr(e, "exit_code", exitcodes.USAGE)
-    except BaseException as e:  # noqa: BLE001 - outside any command (parsing): one line too
+    except BaseException as e:  # outside any command (parsing): one line too
         if isinstance(e, SystemExit):
             raise
         return exit_code_of(e)

@@ -27,12 +27,13 @@ INPUTS, MODEL, PROTOCOL, OUTPUTS, RUN = "Inputs", "Model", "Protocol", "Outputs"
 TEACHER, STUDENT, TRAINING = "Teacher", "Student", "Training"
 
 
-def option(default: Any, *names: str, help: str, panel: str | None = None, metavar: str | None = None,
-           **limits: Any) -> Any:
+def option(default: Any, *names: str, help: str,  # noqa: A002 - typer's name for it
+           panel: str | None = None, metavar: str | None = None, **limits: Any) -> Any:
     return typer.Option(default, *names, help=help, rich_help_panel=panel, metavar=metavar, **limits)
 
 
-def flag(*names: str, help: str, panel: str | None = None, default: bool | None = False) -> Any:
+def flag(*names: str, help: str,  # noqa: A002 - typer's name for it
+         panel: str | None = None, default: bool | None = False) -> Any:
     """An on/off switch (or an ``--x/--no-x`` pair): shown without a value type, and refused with
     one (``--overlay true``)."""
     return typer.Option(default, *names, help=help, rich_help_panel=panel, metavar="", show_default=False)

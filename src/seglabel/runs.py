@@ -109,7 +109,7 @@ def check_settings(out: Path, settings: Mapping[str, Any], per_image: bool = Tru
     if not per_image:
         return
     expected = settings_id(settings)
-    for folder, dirs, files in os.walk(out / RECORDS):
+    for folder, _, files in os.walk(out / RECORDS):
         for name in files:
             if name.endswith(".json") and not name.startswith("."):
                 found = _record_settings_id(os.path.join(folder, name))

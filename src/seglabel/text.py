@@ -170,7 +170,7 @@ def cached_text_embeddings(identity: dict[str, Any] | None, prompts: Sequence[st
 
     try:
         return load_file(str(path))["embeddings"]
-    except Exception:  # missing, or a damaged file: recompute and replace it
+    except Exception:  # noqa: BLE001 - missing, or a damaged file: recompute and replace it
         pass
     emb = compute()
     try:

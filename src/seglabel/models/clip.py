@@ -125,7 +125,7 @@ def _cached_or_download(name: str, tag: str, cfg: dict[str, Any], cache_dir: str
         raise WeightsUnavailable(f"weights '{tag}' for {name} are not cached and the model hub cannot be reached: {how}")
     try:
         return download_pretrained(cfg, cache_dir=cache_dir)
-    except Exception as e:  # hub errors come in many types
+    except Exception as e:  # noqa: BLE001 - hub errors come in many types
         raise WeightsUnavailable(f"could not download weights '{tag}' for {name} ({_first_line(e)}): {how}") from None
 
 

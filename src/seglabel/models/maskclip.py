@@ -31,11 +31,6 @@ from .base import Segmenter
 
 log = logging.getLogger("seglabel")
 
-# Softmax temperature of CLIP (exp of its logit scale), used by the official refinements
-# and here for per-pixel confidence; argmax does not depend on it.
-CLIP_LOGIT_SCALE = 100.0
-
-
 class MaskCLIP(Segmenter):
     def __init__(
         self,

@@ -44,7 +44,7 @@ def _timm_source(timm_name: str, hub_file: str, url: str) -> WeightSource:
                         download=f"python -c \"import timm; timm.create_model('{timm_name}', pretrained=True)\"")
 
 
-def _sam_source(key: str, hub_file: str) -> WeightSource:
+def _sam_source(hub_file: str) -> WeightSource:
     return WeightSource(hub_file=hub_file, url=_fb(f"segment_anything/{hub_file}"),
                         download=f"python -c \"import torch; torch.hub.load_state_dict_from_url('"
                                  f"{_fb('segment_anything/' + hub_file)}')\"")
@@ -71,9 +71,9 @@ PROXIES: dict[str, ProxyArch] = dict([
           "dinov2_vitl14_reg4_pretrain.pth", _fb("dinov2/dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth")),
     _arch("mae", "vitb", "MAE ViT-B/16", "vit_base_patch16_224.mae", "mae_pretrain_vit_base.pth",
           _fb("mae/pretrain/mae_pretrain_vit_base.pth")),
-    ("sam:vitb", ProxyArch("sam", "SAM ViT-B", "vit_b", _sam_source("vit_b", "sam_vit_b_01ec64.pth"))),
-    ("sam:vitl", ProxyArch("sam", "SAM ViT-L", "vit_l", _sam_source("vit_l", "sam_vit_l_0b3195.pth"))),
-    ("sam:vith", ProxyArch("sam", "SAM ViT-H", "vit_h", _sam_source("vit_h", "sam_vit_h_4b8939.pth"))),
+    ("sam:vitb", ProxyArch("sam", "SAM ViT-B", "vit_b", _sam_source("sam_vit_b_01ec64.pth"))),
+    ("sam:vitl", ProxyArch("sam", "SAM ViT-L", "vit_l", _sam_source("sam_vit_l_0b3195.pth"))),
+    ("sam:vith", ProxyArch("sam", "SAM ViT-H", "vit_h", _sam_source("sam_vit_h_4b8939.pth"))),
 ])
 KINDS = ("dino", "dinov2", "mae", "sam", "clip")
 
@@ -151,13 +151,10 @@ class VFM(nn.Module):
             raise UsageError(f"unknown VFM kind {kind}")
         self.kind, self.model, self.spec, self.weights_file = kind, model, spec or kind, weights_file
         if kind == "sam":
-            self.patch = model.patch_embed.proj.kernel_size[0]
             self.input_side = input_side or model.img_size
         elif kind == "clip":
-            self.patch = model.patch_size[0]
             self.input_side = None
         else:
-            self.patch = model.patch_embed.proj.kernel_size[0]
             self.input_side = input_side or (MAE_INPUT_SIDE if kind == "mae" else None)
         # The CLIP tower reads CLIP-normalised images; every other model ImageNet-normalised ones.
         self.mean = None if kind == "clip" else IMAGENET_MEAN
