@@ -143,7 +143,7 @@ def model_options(kind: str) -> list[str]:
 
 
 def check_options(kind: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The options ``kind`` takes; a value given for any other option is a ValueError (one line)."""
+    """The options ``kind`` takes; a value given for any other option is a ``UsageError`` (one line)."""
     taken = model_options(kind)
     out = {}
     for name, value in options.items():
@@ -160,8 +160,22 @@ def check_options(kind: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_segmenter(spec: str = DEFAULT_MODEL, labelset: LabelSet | None = None, **options: Any) -> Segmenter:
-    """Build the segmenter named by ``spec`` and, given a label set, encode its classes. Options the
-    kind does not take are refused before anything is loaded (see ``check_options``)."""
+    """Build the segmenter named by ``spec`` and, given a label set, encode its classes (classes
+    its tokenizer cannot tell apart are logged as warnings).
+
+    ``options`` are the keyword parameters of the kind's builder (``SEGMENTERS``, ``model_options``):
+
+    - ``maskclip:NAME`` (``build_maskclip``): ``pretrained`` (an open_clip tag, default
+      ``"openai"``, or a weights file), ``cache_dir``, ``device``, ``model_config`` (an open_clip
+      config JSON to register), ``method`` (``"auto"``, maskclip, clearclip, sclip, naclip,
+      scclip, proxyclip, corrclip), ``logit_scale``, ``key_smoothing``, ``prompt_denoising``,
+      ``proxy``, ``proxy_weights``, ``regions``;
+    - ``lseg:FILE`` (``build_lseg``): ``device``;
+    - ``student:FILE`` (``build_student``): ``device``, ``cache_dir``, ``pretrained`` (where its
+      CLIP text encoder is found for a label set other than the trained one).
+
+    An option the kind does not take is refused (``UsageError``, one line) before anything is
+    loaded, unless its value means "not given" (``NOT_GIVEN``, see ``check_options``)."""
     kind, what = parse_spec(spec)
     options = check_options(kind, options)
     model = SEGMENTERS[kind](what, **options)
