@@ -49,12 +49,14 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 @app.command()
 @guarded
 def annotate(
-    inputs: List[Path] = typer.Argument(None, help="Image files and folders (walked recursively).", show_default=False),
+    inputs: List[str] = typer.Argument(None, help="Image files and folders (walked recursively), URLs of photos or of "
+                                       "prefixes (s3://, gs://, az://, https://...), WebDataset .tar shards.",
+                                       show_default=False),
     # -- inputs
     labels: Path = option(..., "--labels", "-l", panel=INPUTS, help="Label set YAML (see labelsets/)."),
     from_list: Optional[str] = option(None, "--from-list", panel=INPUTS, help="File with one image path per "
                                       "line (# starts a comment); - for stdin."),
-    root: Optional[Path] = option(None, "--root", panel=INPUTS, help="Output paths are relative to this folder "
+    root: Optional[str] = option(None, "--root", panel=INPUTS, help="Output paths are relative to this folder (or URL prefix) "
                                   "(list entries too); without it a listed file mirrors its absolute path."),
     max_pixels: int = option(178_956_970, "--max-pixels", panel=INPUTS, help="Refuse images with more pixels."),
     # -- model
@@ -99,7 +101,8 @@ def annotate(
                      "(slow)."),
     pamr: bool = flag("--pamr", panel=PROTOCOL, help="Refine the upsampled logits with PAMR (NACLIP's option)."),
     # -- outputs
-    out: Path = option(Path("labels"), "--out", "-o", panel=OUTPUTS, help="Output folder."),
+    out: str = option("labels", "--out", "-o", panel=OUTPUTS, help="Output folder, or a bucket prefix "
+                      "(s3://bucket/labels)."),
     min_confidence: Optional[float] = option(None, "--min-confidence", panel=OUTPUTS, help="Pixels less "
                                              "confident than this (0 to 1) are written as 255."),
     overlay: bool = flag("--overlay", panel=OUTPUTS, help="Also write colour overlays (overlays/*.jpg)."),
@@ -152,14 +155,16 @@ def annotate(
 
 @app.command()
 @guarded
-def merge(out: Path = typer.Argument(..., help="Output folder the shards wrote into.")) -> int:
+def merge(out: str = typer.Argument(..., help="Output folder (or bucket prefix) the shards wrote into.")) -> int:
     """Write OUT/coco.json from every shard's records, once all shards have finished."""
     from .annotate import merge as merge_shards
 
     left_out: list[tuple[str, str]] = []
     n = merge_shards(out, left_out)
     _print_left_out(left_out)
-    typer.echo(f"{n} images -> {out / 'coco.json'}", err=True)
+    from .outputs import open_out
+
+    typer.echo(f"{n} images -> {open_out(out).shown('coco.json')}", err=True)
     return exitcodes.FAILURES if left_out else exitcodes.OK
 
 
@@ -363,8 +368,10 @@ def _print_left_out(left_out) -> None:
 @app.command("preview")
 @guarded
 def preview(
-    out: Path = typer.Argument(..., help="annotate's output folder."),
-    images: List[Path] = typer.Option([], "--images", help="Folder the photos were labelled from (if not where run.json says)."),
+    out: str = typer.Argument(..., help="annotate's output folder, or its bucket prefix (s3://...)."),
+    images: List[str] = typer.Option([], "--images", help="Folder the photos were labelled from (if not where run.json says)."),
+    dest: Optional[Path] = typer.Option(None, "--dest", help="Folder to write the pages into (default: OUT/preview; "
+                                        "needed for a run in a bucket)."),
     per_page: int = typer.Option(100, "--per-page", min=1, help="Cards per HTML page."),
     jobs: int = typer.Option(0, "--jobs", "-j", min=0, help="Processes drawing overlays (0: one per CPU)."),
     open_browser: bool = flag("--open", help="Open the contact sheet in a web browser."),
@@ -374,7 +381,7 @@ def preview(
 
     from .preview import build_preview
 
-    result = build_preview(out, images, per_page=per_page, jobs=jobs)
+    result = build_preview(out, images, per_page=per_page, jobs=jobs, dest=dest)
     _print_left_out(result.left_out)
     if result.missing_photos:
         typer.echo(one_line(f"{len(result.missing_photos)} photos not found, drawn on grey (first: "
@@ -390,10 +397,11 @@ def preview(
 @app.command("export")
 @guarded
 def export(
-    out: Path = typer.Argument(..., help="annotate's output folder."),
+    out: str = typer.Argument(..., help="annotate's output folder, or its bucket prefix (s3://...)."),
     fmt: str = typer.Option(..., "--format", "-f", help="cvat, labelstudio, fiftyone, hf (Hugging Face dataset) or webdataset."),
-    dest: Optional[Path] = typer.Option(None, "--dest", help="Output folder (default: OUT/export/FORMAT)."),
-    images: List[Path] = typer.Option([], "--images", help="Folder the photos were labelled from (if not where run.json says)."),
+    dest: Optional[Path] = typer.Option(None, "--dest", help="Output folder (default: OUT/export/FORMAT; needed for a "
+                                        "run in a bucket)."),
+    images: List[str] = typer.Option([], "--images", help="Folder the photos were labelled from (if not where run.json says)."),
     document_root: Optional[Path] = typer.Option(None, "--document-root", help="labelstudio: "
                                                  "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; image paths relative to it."),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="hf, webdataset: images per shard "

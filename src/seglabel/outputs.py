@@ -19,17 +19,18 @@ import io
 import json
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from . import storage
 from .errors import UsageError
-from .layout import RUNS
+from .layout import COCO_FILE, OUTPUT_FOLDERS, RECORDS, RUN_FILE, RUNS, foreign_outputs, is_run_folder
 from .storage.problems import NOT_FOUND, StorageError
 from .writers import OutputError, atomic_path, to_json, write_bytes
 
 LOCK_FILE = ".lock"
+HEAD_READERS = 16  # requests in flight when a bucket's records are read (plans, settings checks)
 
 
 class OutputBusy(UsageError):
@@ -40,6 +41,7 @@ class OutputBusy(UsageError):
 class Stat:
     size: int
     version: int | str  # mtime_ns in a folder, the ETag in a bucket
+    mtime_ns: int | None = field(default=None, compare=False)  # when it was written (a bucket: to the second)
 
 
 class Out:
@@ -84,6 +86,37 @@ class Out:
         raise NotImplementedError
         yield  # pragma: no cover
 
+    def holds(self, sub: str) -> bool:
+        """Whether ``sub`` (a file, or a folder holding a file whose name does not start with a dot) is there."""
+        raise NotImplementedError
+
+    def read_heads(self, rels: list[str], size: int) -> Iterator[tuple[str, bytes | None]]:
+        """The first ``size`` bytes of each of ``rels`` (None where it cannot be read), in order."""
+        for rel in rels:
+            try:
+                yield rel, self.read_bytes(rel, 0, size)
+            except OSError:
+                yield rel, None
+
+    def is_run_folder(self) -> bool:
+        """``layout.is_run_folder``: a run record naming ``seglabel_version``, or a per-image
+        record starting with ``settings_id``."""
+        candidates = [(RUN_FILE, b'"seglabel_version"')]
+        candidates += [(rel, b'"seglabel_version"') for rel in sorted(self.listing(RUNS))
+                       if rel.endswith(".json") and rel.count("/") == 1][:4]
+        candidates += [(rel, b'"settings_id"') for rel in _first(self.listing(RECORDS))]
+        for rel, head in self.read_heads([rel for rel, _ in candidates], 4096):
+            if head is not None and dict(candidates)[rel] in head:
+                return True
+        return False
+
+    def foreign_outputs(self) -> list[str]:
+        """``layout.foreign_outputs``: seglabel's output names holding something here although
+        seglabel did not write it."""
+        if self.is_run_folder():
+            return []
+        return [name for name in OUTPUT_FOLDERS[:5] + (COCO_FILE, RUN_FILE) if self.holds(name)]
+
 
 def _parts_lock(part: str) -> str:
     return f"{RUNS}/.{part}.lock"
@@ -103,7 +136,7 @@ class FolderOut(Out):
         path = self.path(rel)
         write_bytes(path, data)
         st = os.stat(path)
-        return Stat(st.st_size, st.st_mtime_ns)
+        return Stat(st.st_size, st.st_mtime_ns, st.st_mtime_ns)
 
     @contextmanager
     def write_text(self, rel: str) -> Iterator[io.TextIOBase]:
@@ -123,7 +156,7 @@ class FolderOut(Out):
             st = os.stat(self.path(rel))
         except OSError:
             return None
-        return Stat(st.st_size, st.st_mtime_ns)
+        return Stat(st.st_size, st.st_mtime_ns, st.st_mtime_ns)
 
     def listing(self, sub: str) -> dict[str, Stat]:
         found, top = {}, self.path(sub)
@@ -137,7 +170,8 @@ class FolderOut(Out):
                     st = os.stat(path)
                 except OSError:
                     continue
-                found[PurePosixPath(os.path.relpath(path, self.folder)).as_posix()] = Stat(st.st_size, st.st_mtime_ns)
+                found[PurePosixPath(os.path.relpath(path, self.folder)).as_posix()] = Stat(st.st_size, st.st_mtime_ns,
+                                                                                     st.st_mtime_ns)
         return found
 
     def delete(self, rel: str) -> None:
@@ -145,6 +179,18 @@ class FolderOut(Out):
             os.unlink(self.path(rel))
         except FileNotFoundError:
             pass
+
+    def holds(self, sub: str) -> bool:
+        path = self.path(sub)
+        if not os.path.isdir(path):
+            return os.path.lexists(path)
+        return any(not name.startswith(".") for _, _, files in os.walk(path) for name in files)
+
+    def is_run_folder(self) -> bool:
+        return is_run_folder(self.folder)
+
+    def foreign_outputs(self) -> list[str]:
+        return foreign_outputs(self.folder)
 
     @contextmanager
     def lock(self, part: str | None) -> Iterator[None]:
@@ -205,7 +251,7 @@ class BucketOut(Out):
         if not etag:
             found = self.stat(rel)
             etag = found.version if found else ""
-        return Stat(len(data), str(etag))
+        return Stat(len(data), str(etag), None)
 
     @contextmanager
     def write_text(self, rel: str) -> Iterator[io.TextIOBase]:
@@ -240,7 +286,7 @@ class BucketOut(Out):
             if e.kind == NOT_FOUND:
                 return None
             raise OutputError(f"{self.shown(rel)}: cannot read ({e.reason})") from None
-        return Stat(found.size, found.etag or "")
+        return Stat(found.size, found.etag or "", found.mtime_ns)
 
     def listing(self, sub: str) -> dict[str, Stat]:
         try:
@@ -248,7 +294,7 @@ class BucketOut(Out):
         except StorageError as e:
             raise OutputError(f"{self.shown(sub)}: cannot list ({e.reason})") from None
         prefix = f"{sub.strip('/')}/" if sub else ""
-        return {prefix + item.rel: Stat(item.size, item.etag or "") for item in listed
+        return {prefix + item.rel: Stat(item.size, item.etag or "", item.mtime_ns) for item in listed
                 if not any(part.startswith(".") for part in item.rel.split("/"))}
 
     def delete(self, rel: str) -> None:
@@ -258,10 +304,54 @@ class BucketOut(Out):
         except StorageError as e:
             raise OutputError(f"{self.shown(rel)}: cannot delete ({e.reason})") from None
 
+    def holds(self, sub: str) -> bool:
+        if self.stat(sub) is not None:
+            return True
+        try:
+            names = storage.objects.first_under(self.object_url(sub), 64)
+        except StorageError as e:
+            raise OutputError(f"{self.shown(sub)}: cannot list ({e.reason})") from None
+        return any(not part.startswith(".") for name in names for part in name.split("/")[-1:])
+
+    def is_run_folder(self) -> bool:
+        """As ``Out.is_run_folder``, looking at a few objects only (one request each)."""
+        candidates = [(RUN_FILE, b'"seglabel_version"')]
+        try:
+            parts = storage.objects.first_under(self.object_url(RUNS), 16)
+            records = storage.objects.first_under(self.object_url(RECORDS), 16)
+        except StorageError as e:
+            raise OutputError(f"{self.shown()}: cannot list ({e.reason})") from None
+        candidates += [(f"{RUNS}/{n}", b'"seglabel_version"') for n in parts if n.endswith(".json") and "/" not in n
+                       and not n.startswith(".")][:4]
+        candidates += [(f"{RECORDS}/{n}", b'"settings_id"') for n in records
+                       if n.endswith(".json") and not n.split("/")[-1].startswith(".")][:1]
+        for rel, head in self.read_heads([rel for rel, _ in candidates], 4096):
+            if head is not None and dict(candidates)[rel] in head:
+                return True
+        return False
+
+    def read_heads(self, rels: list[str], size: int) -> Iterator[tuple[str, bytes | None]]:
+        """In parallel: a request each, overlapped."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def head(rel: str) -> bytes | None:
+            try:
+                return self.read_bytes(rel, 0, size)
+            except OSError:
+                return None
+
+        with ThreadPoolExecutor(HEAD_READERS) as pool:
+            yield from zip(rels, pool.map(head, rels))
+
     def check_store(self) -> None:
-        """Refuse (one line) a store that cannot keep runs apart, and learn its clock, once."""
+        """Refuse (one line, ``UsageError``: nothing was written) a bucket that is not there, or
+        that these credentials may not write in, or that cannot keep runs apart; learn its clock.
+        Once: a probe object written and deleted."""
         if self._offset is None:
-            self._offset = storage.check_conditional_writes(self.url)
+            try:
+                self._offset = storage.check_conditional_writes(self.url)
+            except StorageError as e:
+                raise UsageError(f"--out {self.shown()}: {e.reason}") from None
 
     @contextmanager
     def lock(self, part: str | None) -> Iterator[None]:
@@ -301,6 +391,11 @@ class BucketOut(Out):
             if found is not None and other._stale(found[0]) is None:
                 return f"{found[0].what}, {found[0].host} pid {found[0].pid}"
         return None
+
+
+def _first(listing: dict[str, Stat]) -> list[str]:
+    """One ``.json`` file of a listing (in sorted order), as ``layout`` looks at one record."""
+    return [rel for rel in sorted(listing) if rel.endswith(".json")][:1]
 
 
 def _hidden_locks(out: BucketOut) -> list[str]:

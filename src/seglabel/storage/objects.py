@@ -121,6 +121,18 @@ def list_files(url: str, suffixes: Iterable[str] | None = None) -> list[Listed]:
     return sorted(out, key=lambda item: item.rel)
 
 
+def first_under(url: str, limit: int = 8) -> list[str]:
+    """Up to ``limit`` object names (relative to the prefix ``url``) in key order: a look whether
+    a prefix holds anything, one request on S3 however much it holds."""
+    fs, base = filesystem(url)
+    prefix = base.rstrip("/") + "/"
+    if protocol(fs) in ("s3", "s3a"):
+        bucket, _, key = prefix.partition("/")
+        reply = retried(url, "list", lambda: fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=key, MaxKeys=limit))
+        return [item["Key"][len(key):] for item in reply.get("Contents", [])]
+    return [item.rel for item in list_files(url)][:limit]
+
+
 def info(url: str) -> Listed:
     """Size, time and tag of the object ``url``; ``StorageError`` (kind ``not found``...) otherwise."""
     fs, path = filesystem(url)

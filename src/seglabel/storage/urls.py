@@ -99,7 +99,9 @@ def check_url(url: str, what: str = "") -> str:
 
 def join(prefix: str, rel: str) -> str:
     """``prefix/rel`` for a URL prefix (one slash between)."""
-    return f"{prefix.rstrip('/')}/{rel.lstrip('/')}" if rel else prefix
+    if not rel:
+        return prefix
+    return prefix + rel.lstrip("/") if prefix.endswith("://") else f"{prefix.rstrip('/')}/{rel.lstrip('/')}"
 
 
 def relative(url: str, prefix: str) -> str | None:
