@@ -117,8 +117,10 @@ def find_images(paths: Iterable[str | Path] = (), listed: Iterable[str] = (),
     local_excluded, remote_excluded = [], []
     for e in exclude:
         text = os.fspath(e)
-        (remote_excluded if storage.is_url(text) and storage.local_path(text) is None else local_excluded).append(
-            storage.local_path(text) if storage.is_url(text) else text)
+        if remote_inputs.remote(text):
+            remote_excluded.append(text)
+        else:
+            local_excluded.append(storage.local_path(text) if storage.is_url(text) else text)
     excluded = [os.path.realpath(p) for p in local_excluded]
     base, root_url = _root(root)
     found: list[ImageItem] = []

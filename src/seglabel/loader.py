@@ -11,6 +11,7 @@ before, which is also the fallback for any JPEG the device decoder refuses.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -129,10 +130,12 @@ def load_images(items: Sequence[ImageItem], protocol: Protocol, mean, std, max_p
     if workers <= 0 or len(dataset) <= 1:
         loaded: Iterator[Loaded] = (dataset[i] for i in range(len(dataset)))
     else:
-        loaded = iter(torch.utils.data.DataLoader(
-            dataset, batch_size=None, shuffle=False, num_workers=min(workers, len(dataset)),
-            collate_fn=_identity, pin_memory=pin_memory, prefetch_factor=prefetch,
-            worker_init_fn=leave_signals_to_parent))
+        with warnings.catch_warnings():  # more loaders than cores is meant for photos that wait on the network
+            warnings.filterwarnings("ignore", message="This DataLoader will create")
+            loaded = iter(torch.utils.data.DataLoader(
+                dataset, batch_size=None, shuffle=False, num_workers=min(workers, len(dataset)),
+                collate_fn=_identity, pin_memory=pin_memory, prefetch_factor=prefetch,
+                worker_init_fn=leave_signals_to_parent))
     if not encoded:
         yield from loaded
         return
