@@ -236,3 +236,45 @@ def test_dropped_connections_are_retried_and_the_run_completes(s3, tmp_path, pho
     assert r.returncode == 0, r.stderr
     assert proxy.connections > 3
     same_labels(objects(s3, "labels", "run/"), local_files(local))
+
+
+@pytest.mark.slow
+def test_readers_take_a_run_in_a_bucket(s3, tmp_path, photos, small_labelset, tiny_weights):
+    """export, preview and distill --pseudo read a run from its URL as from its folder; outputs
+    that must be local (pages, exports) are refused in one line without a local --dest."""
+    local = tmp_path / "local"
+    assert annotate([photos], local, small_labelset, tiny_weights).returncode == 0
+    upload(s3, photos, "photos", "set")
+    s3.client().create_bucket(Bucket="labels")
+    assert annotate(["s3://photos/set"], "s3://labels/run", small_labelset, tiny_weights).returncode == 0
+    before = objects(s3, "labels")
+
+    for source, dest in (("s3://labels/run", tmp_path / "from-bucket"), (str(local), tmp_path / "from-folder")):
+        r = run("export", source, "--format", "webdataset", "--dest", str(dest))
+        assert r.returncode == 0, r.stderr
+    tars = sorted((tmp_path / "from-folder").glob("*.tar"))
+    assert tars
+    for tar in tars:
+        with tarfile.open(tar) as a, tarfile.open(tmp_path / "from-bucket" / tar.name) as b:
+            assert [(m.name, a.extractfile(m).read()) for m in a.getmembers()] == [
+                (m.name, b.extractfile(m).read()) for m in b.getmembers()]  # photos, masks and records alike
+
+    r = run("preview", "s3://labels/run", "--dest", str(tmp_path / "pages"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "pages" / "index.html").is_file() and f"{len(NAMES)} drawn" in r.stderr
+    for argv in (("preview", "s3://labels/run"), ("export", "s3://labels/run", "--format", "cvat"),
+                 ("export", "s3://labels/run", "--format", "cvat", "--dest", "s3://labels/exported"),
+                 ("eval", "--pred", "s3://labels/run", "--gt", str(local / "masks"))):
+        r = run(*argv, cwd=tmp_path)
+        assert r.returncode == 2 and "s3://labels/" in one_line_error(r), argv
+    assert not (tmp_path / "s3:").exists()  # a URL is never taken for a local path
+
+    student = tmp_path / "student"
+    r = run("distill", "--pseudo", "s3://labels/run", "--images", str(photos), "--teacher", "none",
+            "--clip", "tiny-vit", "--model-config", str(TINY_CONFIGS["tiny-vit"]), "--pretrained",
+            str(tiny_weights["tiny-vit"]), "--out", str(student), "--depth", "18", "--width", "8", "--iters", "2",
+            "--batch-size", "2", "--crop", "32", "--base-size", "48", "--workers", "0", "--device", "cpu", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert local_files(student / "pseudo" / "masks") == local_files(local / "masks")
+    assert (student / "student.pt").is_file()
+    assert objects(s3, "labels") == before  # readers change nothing in the bucket

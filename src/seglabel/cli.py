@@ -171,8 +171,8 @@ def merge(out: str = typer.Argument(..., help="Output folder (or bucket prefix) 
 @app.command("eval")
 @guarded
 def evaluate(
-    pred: Path = typer.Option(..., "--pred", help="annotate's output folder, or a folder of mask PNGs."),
-    gt: Path = typer.Option(..., "--gt", help="Folder of ground-truth mask PNGs (same relative paths)."),
+    pred_text: str = typer.Option(..., "--pred", help="annotate's output folder, or a folder of mask PNGs."),
+    gt_text: str = typer.Option(..., "--gt", help="Folder of ground-truth mask PNGs (same relative paths)."),
     labels: Optional[Path] = typer.Option(None, "--labels", "-l", help="Label set YAML the masks use (default: "
                                           "the one in --pred's run.json; needed for a folder of mask PNGs)."),
     id_map: Optional[Path] = typer.Option(None, "--id-map", help="YAML/JSON map: ground-truth id -> class index or name."),
@@ -181,8 +181,14 @@ def evaluate(
     as_json: bool = flag("--json", help="Print the scores as JSON on stdout."),
 ) -> int:
     """Score predicted masks against ground truth: per-class IoU, mIoU, pixel accuracy."""
+    from . import storage
     from .evaluate import EvalError, evaluate_folders, load_id_map, render_table, run_labelset
 
+    for flag_name, text in (("--pred", pred_text), ("--gt", gt_text)):
+        if storage.is_url(text) and storage.local_path(text) is None:
+            raise EvalError(f"{flag_name} {storage.redact(text)}: eval reads local folders only; copy it down first "
+                            "(e.g. aws s3 sync URL DIR)")
+    pred, gt = (Path(storage.local_path(t) or t) for t in (pred_text, gt_text))
     labelset = load_labelset(labels) if labels else run_labelset(pred)
     if labelset is None:
         raise EvalError(f"--pred {pred}: not a seglabel run (no run.json with its label set); give --labels, the "
@@ -370,7 +376,7 @@ def _print_left_out(left_out) -> None:
 def preview(
     out: str = typer.Argument(..., help="annotate's output folder, or its bucket prefix (s3://...)."),
     images: List[str] = typer.Option([], "--images", help="Folder the photos were labelled from (if not where run.json says)."),
-    dest: Optional[Path] = typer.Option(None, "--dest", help="Folder to write the pages into (default: OUT/preview; "
+    dest: Optional[str] = typer.Option(None, "--dest", help="Folder to write the pages into (default: OUT/preview; "
                                         "needed for a run in a bucket)."),
     per_page: int = typer.Option(100, "--per-page", min=1, help="Cards per HTML page."),
     jobs: int = typer.Option(0, "--jobs", "-j", min=0, help="Processes drawing overlays (0: one per CPU)."),
@@ -399,7 +405,7 @@ def preview(
 def export(
     out: str = typer.Argument(..., help="annotate's output folder, or its bucket prefix (s3://...)."),
     fmt: str = typer.Option(..., "--format", "-f", help="cvat, labelstudio, fiftyone, hf (Hugging Face dataset) or webdataset."),
-    dest: Optional[Path] = typer.Option(None, "--dest", help="Output folder (default: OUT/export/FORMAT; needed for a "
+    dest: Optional[str] = typer.Option(None, "--dest", help="Output folder (default: OUT/export/FORMAT; needed for a "
                                         "run in a bucket)."),
     images: List[str] = typer.Option([], "--images", help="Folder the photos were labelled from (if not where run.json says)."),
     document_root: Optional[Path] = typer.Option(None, "--document-root", help="labelstudio: "

@@ -30,8 +30,9 @@ from .writers import check_output_folder
 @guarded
 def distill(
     # Inputs
-    pseudo: Optional[Path] = option(None, "--pseudo", panel=INPUTS, help="annotate's output folder (masks/ + "
-                                    "run.json) or a folder of mask PNGs."),
+    pseudo: Optional[str] = option(None, "--pseudo", panel=INPUTS, help="annotate's output folder (masks/ + "
+                                   "run.json) or a folder of mask PNGs; or a run in a bucket (s3://..., copied into "
+                                   "OUT/pseudo first)."),
     images: Path = option(..., "--images", panel=INPUTS, help="Folder of the images the pseudo-labels were made from."),
     labels: Optional[Path] = option(None, "--labels", "-l", panel=INPUTS, help="Label set YAML (default: the one "
                                     "in --pseudo's run.json)."),
@@ -115,6 +116,7 @@ def distill(
     if not math.isfinite(lr):
         raise UsageError(f"--lr {lr}: must be a finite number")
     check_output_folder(out)
+    pseudo = _local_pseudo(pseudo, out)
     cfg = DistillConfig(
         images=str(images), out=str(out), pseudo=str(pseudo) if pseudo else None,
         labels=str(labels) if labels else None, teacher=teacher, clip=clip, pretrained=pretrained,
@@ -127,3 +129,21 @@ def distill(
         val_every=val_every, workers=workers, device=device, amp=amp, seed=seed, quiet=quiet, argv=list(sys.argv))
     train(cfg)  # on Ctrl-C or SIGTERM it saves last.pt before the interrupt reaches the handler
     return exitcodes.OK
+
+
+def _local_pseudo(pseudo: str | None, out: Path) -> str | None:
+    """--pseudo as a local folder: a run in a bucket is copied (run.json, masks/, records/, scores/;
+    on a rerun only what changed) into OUT/pseudo, which distill then reads as any run folder."""
+    from . import storage
+
+    if pseudo is None or not storage.is_url(pseudo):
+        return pseudo
+    local = storage.local_path(pseudo)
+    if local is not None:
+        return local
+    from .outputs import copy_down, open_out
+
+    run = open_out(pseudo)
+    if run.stat("run.json") is None and not run.holds("masks"):
+        raise UsageError(f"--pseudo {run.shown()}: no run.json and no masks/ there (not a seglabel run)")
+    return str(copy_down(run, out / "pseudo"))

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 from . import storage
 from .errors import UsageError
-from .layout import COCO_FILE, OUTPUT_FOLDERS, RECORDS, RUN_FILE, RUNS, foreign_outputs, is_run_folder
+from .layout import COCO_FILE, MASKS, OUTPUT_FOLDERS, RECORDS, RUN_FILE, RUNS, foreign_outputs, is_run_folder
 from .storage.problems import NOT_FOUND, StorageError
 from .writers import OutputError, atomic_path, to_json, write_bytes
 
@@ -424,3 +424,23 @@ def read_json(out: Out, rel: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     return data
+
+
+def copy_down(out: Out, dest: str | Path, subs: tuple[str, ...] = (RUN_FILE, MASKS, RECORDS, "scores")) -> Path:
+    """A local copy of a run's files (``subs``: files and folders) in ``dest``, for readers that
+    open a run as a folder (``distill --pseudo s3://...``). Files already there with the same size
+    and a time not older than the object's are kept, so a second call copies only what changed;
+    each file written atomically."""
+    dest = Path(dest)
+    for sub in subs:
+        whole = out.stat(sub)
+        for rel, st in ({sub: whole} if whole is not None else out.listing(sub)).items():
+            local = dest / rel
+            try:
+                have = os.stat(local)
+                if have.st_size == st.size and (st.mtime_ns is None or have.st_mtime_ns >= st.mtime_ns):
+                    continue
+            except OSError:
+                pass
+            write_bytes(local, out.read_bytes(rel))
+    return dest

@@ -49,8 +49,14 @@ def export(out: str | Path, fmt: str, dest: str | Path | None = None, image_root
     if dest is not None and storage.is_url(str(dest)) and storage.local_path(str(dest)) is None:
         raise OutputFolderError(f"--dest {storage.redact(str(dest))}: give a local folder (then copy it where "
                                 "training reads it)")
-    run = read_output(out, image_roots)
-    dest = Path(dest) if dest is not None else Path(run.out) / "export" / fmt
+    if dest is None:
+        from ..outputs import open_out
+
+        dest = Path(open_out(out).folder) / "export" / fmt  # a local run: a bucket's needs --dest (above)
+    dest = Path(dest)
+    # Label Studio and FiftyOne open the photos by path: photos read from a store are copied beside
+    # the export (dest/files), where they stay; the others copy them into their own files
+    run = read_output(out, image_roots, stage=dest / "files" if fmt in ("labelstudio", "fiftyone") else None)
     if fmt in SHARDED:
         from .shards import DEFAULT_SHARD_IMAGES, plan
 
