@@ -94,3 +94,14 @@ def test_bucket_write_errors_are_output_errors_naming_the_object(s3):
     with pytest.raises(OutputError) as e:
         out.write_bytes("masks/a.png", b"x")
     assert str(e.value).startswith("s3://no-such-bucket/run1/masks/a.png: cannot write (the bucket does not exist")
+
+
+def test_a_store_without_conditional_writes_is_refused_as_out_in_one_line():
+    import fsspec
+
+    from seglabel.errors import UsageError
+
+    with pytest.raises(UsageError) as e:
+        BucketOut("memory://bucket/labels").check_store()
+    assert str(e.value).startswith("--out memory://bucket/labels: seglabel relies on conditional writes")
+    assert "\n" not in str(e.value) and not fsspec.filesystem("memory").exists("/bucket/labels")

@@ -352,6 +352,8 @@ class BucketOut(Out):
                 self._offset = storage.check_conditional_writes(self.url)
             except StorageError as e:
                 raise UsageError(f"--out {self.shown()}: {e.reason}") from None
+            except UsageError as e:  # named the probe object: name --out instead
+                raise UsageError(f"--out {self.shown()}: {str(e).split(': ', 1)[-1]}") from None
 
     @contextmanager
     def lock(self, part: str | None) -> Iterator[None]:

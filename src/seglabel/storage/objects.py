@@ -212,4 +212,5 @@ def delete(url: str, missing_ok: bool = True) -> None:
 def _conditional(fs: Any, url: str) -> None:
     if protocol(fs) not in CONDITIONAL:
         raise UsageError(f"{redact(url)}: seglabel relies on conditional writes (create only if absent) to keep "
-                         f"concurrent runs apart, and knows them on S3 only, not on {protocol(fs)}://")
+                         f"concurrent runs apart, and knows them on S3 only, not on {protocol(fs)}:// (write into "
+                         "a local folder and copy it up, or use an S3-compatible endpoint)")
