@@ -278,3 +278,29 @@ def test_readers_take_a_run_in_a_bucket(s3, tmp_path, photos, small_labelset, ti
     assert local_files(student / "pseudo" / "masks") == local_files(local / "masks")
     assert (student / "student.pt").is_file()
     assert objects(s3, "labels") == before  # readers change nothing in the bucket
+
+
+@pytest.mark.slow
+def test_the_ray_annotator_labels_a_bucket_into_a_bucket(s3, tmp_path, photos, small_labelset, tiny_weights):
+    """seglabel.ray's rows and Annotator with URLs (called as map_batches calls it; Ray itself is
+    not needed for that, test_ray.py runs it under Ray)."""
+    import numpy as np
+
+    from seglabel.annotate import merge
+    from seglabel.predict import Protocol
+    from seglabel.ray import Annotator, list_images
+
+    local = tmp_path / "local"
+    assert annotate([photos], local, small_labelset, tiny_weights).returncode == 0
+    upload(s3, photos, "photos", "set")
+    s3.client().create_bucket(Bucket="labels")
+    rows = list_images(["s3://photos/set"], out="s3://labels/ray")
+    assert [r["path"] for r in rows] == [f"s3://photos/set/{n}" for n in NAMES]
+    annotator = Annotator("s3://labels/ray", str(small_labelset), "maskclip:tiny-vit",
+                          pretrained=str(tiny_weights["tiny-vit"]), model_config=str(TINY_CONFIGS["tiny-vit"]),
+                          protocol=Protocol(short_side=64), device="cpu")
+    for start in range(0, len(rows), 5):
+        batch = {k: np.asarray([r[k] for r in rows[start:start + 5]]) for k in ("path", "rel")}
+        assert set(annotator(batch)["status"]) == {"done"}
+    assert merge("s3://labels/ray") == len(NAMES)
+    same_labels(objects(s3, "labels", "ray/"), local_files(local))
