@@ -54,8 +54,9 @@ def build_preview(out: str | Path, image_roots: Sequence[str | Path] = (), per_p
         raise UsageError(f"{storage.redact(str(out))}: a run in a bucket is previewed into a local folder: give --dest DIR")
     if dest is not None and storage.is_url(str(dest)) and storage.local_path(str(dest)) is None:
         raise UsageError(f"--dest {storage.redact(str(dest))}: give a local folder (a browser opens the pages from there)")
-    run = read_output(out, image_roots, stage=Path(dest) / "files" if remote else None)
-    folder = Path(dest) if dest is not None else Path(run.out) / PREVIEW
+    folder = Path(dest) if dest is not None else Path(storage.local_path(str(out)) or out) / PREVIEW
+    # masks and photos read from a store are copied beside the pages (the pages link them)
+    run = read_output(out, image_roots, stage=folder / "files")
     state_file = folder / "rendered.json"
     previous = _read_state(state_file)
     entries = run.sorted_worst_first()
