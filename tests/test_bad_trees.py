@@ -64,8 +64,8 @@ def as_unprivileged(fn):
     it returns (JSON-able). Without root, ``fn()`` runs here."""
     if os.geteuid() != 0:
         return fn()
-    import PIL.JpegImagePlugin  # noqa: F401 - imported before the fork: the child may not read them
-    import PIL.PngImagePlugin  # noqa: F401
+    import PIL.JpegImagePlugin
+    import PIL.PngImagePlugin  # noqa: F401 - imported before the fork: the child may not read them
 
     read, write = os.pipe()
     pid = os.fork()

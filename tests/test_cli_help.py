@@ -54,7 +54,8 @@ def test_models_lists_every_kind_with_tags_and_the_recommended_one():
     assert set(catalog) == {"maskclip", "lseg", "student"}
     assert catalog["lseg"]["spec"] == "lseg:FILE" and catalog["student"]["example"].startswith("student:")
     models = {m["spec"]: m for m in catalog["maskclip"]["models"]}
-    assert models["maskclip:ViT-B-16"]["recommended"] == "openai" and "laion2b_s34b_b88k" in models["maskclip:ViT-B-16"]["pretrained"]
+    vit = models["maskclip:ViT-B-16"]
+    assert vit["recommended"] == "openai" and "laion2b_s34b_b88k" in vit["pretrained"]
     assert all(m["pretrained"] for m in models.values())  # --all adds those without weights
     text = run("models").stdout
     assert "lseg:FILE" in text and "student:FILE" in text and "openai*" in text and "-quickgelu" in text
@@ -77,10 +78,10 @@ def test_preview_open_without_a_browser_says_so(tmp_path, monkeypatch, capsys):
     import webbrowser
 
     from seglabel import cli
-    from seglabel.review import PreviewResult
+    from seglabel.preview import PreviewResult
 
     index = tmp_path / "preview" / "index.html"
-    monkeypatch.setattr("seglabel.review.build_preview",
+    monkeypatch.setattr("seglabel.preview.build_preview",
                         lambda *a, **k: PreviewResult(index, 1, 1, 1, []))
     monkeypatch.setattr(webbrowser, "open", lambda url: False)  # what it returns when none is found
     assert cli.run(["preview", str(tmp_path), "--open"]) == 0

@@ -10,12 +10,12 @@ PACKAGE = Path(__file__).parent.parent / "src" / "seglabel"
 # Floor of each module, from the ground (0) up; a module not named here fails the test, so a new
 # module must be placed deliberately. models/*, exports/* and serve/* take their package's floor.
 FLOORS = {
-    0: ["errors", "exitcodes", "labelset", "images", "checkpoints", "layout", "interrupts"],
+    0: ["errors", "exitcodes", "atomic", "labelset", "images", "checkpoints", "layout", "interrupts"],
     1: ["text", "refine", "writers", "records", "evaluate"],
     2: ["models"],
     3: ["predict", "tta", "loader", "runs", "memory", "decode", "distill_data", "distill_loss"],
-    4: ["annotate", "distill", "review", "exports", "serve"],
-    5: ["recipe"],
+    4: ["annotate", "distill", "preview", "exports", "serve"],
+    5: ["recipe", "folders"],
     6: ["cli", "cli_distill", "cli_serve", "cli_handler", "ray", "__main__", "__init__"],
 }
 FLOOR = {name: floor for floor, names in FLOORS.items() for name in names}
@@ -32,7 +32,8 @@ def imported(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.level:
-            base = list(rel.parent.parts)[: len(rel.parent.parts) - (node.level - 1)] if node.level > 1 else list(rel.parent.parts)
+            parents = list(rel.parent.parts)
+            base = parents[: len(parents) - (node.level - 1)] if node.level > 1 else parents
             parts = base + (node.module.split(".") if node.module else [])
             if parts:
                 found.add(parts[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import subprocess
@@ -353,7 +354,7 @@ def test_lseg_runs_in_the_callers_precision(ckpts):
     assert (plain.argmax(1) == half.argmax(1)).float().mean() > 0.9
 
 
-def test_half_precision_overflow_is_recomputed_in_fp32(ckpts, monkeypatch):
+def test_half_precision_overflow_is_recomputed_in_fp32(ckpts, monkeypatch, caplog):
     model = build_lseg(str(ckpts["vit"][0]))
     model.set_labels(LabelSet.from_names(["a", "b"]))
     x = torch.randn(1, 3, 64, 64)
@@ -366,9 +367,11 @@ def test_half_precision_overflow_is_recomputed_in_fp32(ckpts, monkeypatch):
                                float("inf")) if torch.is_autocast_enabled("cpu") else out
 
     monkeypatch.setattr(model.net, "forward", overflowing)
-    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(UserWarning, match="recomputed in fp32"):
+    with torch.autocast("cpu", dtype=torch.bfloat16), caplog.at_level(logging.WARNING, logger="seglabel"):
         out = model(x)
     torch.testing.assert_close(out, expected)
+    assert [r.getMessage() for r in caplog.records] == ["LSeg: half precision overflowed on this input; "
+                                                        "recomputed in fp32"]
 
 
 # -- the multi-scale protocol ---------------------------------------------------------------------------
@@ -505,11 +508,11 @@ PARITY_SIZES = {"vit": [(192, 256), (256, 192), (192, 192), (300, 1000)], "resne
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["vit", "resnet"])
 def test_default_protocol_is_the_official_single_scale_evaluation(ckpts, variant):
-    from seglabel.predict import Predictor, Protocol
+    from seglabel.predict import Predictor, resolve_protocol
 
     model = build_lseg(str(ckpts[variant][0]))
     model.set_labels(LabelSet.from_names(["a", "b", "c", "d", "e", "f"]))
-    predictor = Predictor(model, Protocol())  # what annotate runs when no protocol flag is given
+    predictor = Predictor(model, resolve_protocol(model))  # what annotate runs when no protocol flag is given
     assert (predictor.protocol.tta, predictor.protocol.scales, predictor.protocol.flip) == (True, (1.0,), False)
     rng = np.random.default_rng(1)
     for h, w in PARITY_SIZES[variant]:
@@ -529,20 +532,24 @@ def test_default_protocol_is_the_official_single_scale_evaluation(ckpts, variant
 
 
 def test_protocol_flags_still_choose_seglabels_own_protocols(ckpts):
-    from seglabel.predict import Protocol, resolve_protocol
+    from seglabel.predict import Protocol, ProtocolOptions, resolve_protocol
 
     model = build_lseg(str(ckpts["vit"][0]))
-    official = resolve_protocol(Protocol(), model)
+    official = resolve_protocol(model)
     assert (official.tta, official.scales, official.flip) == (True, (1.0,), False)
-    assert resolve_protocol(Protocol(max_long_side=0), model).scales == (1.0,)  # the cap is still the user's
-    for given in (Protocol(short_side=300), Protocol(window=64), Protocol(pamr=True), Protocol(tta=True)):
-        assert resolve_protocol(given, model) == given
-    assert resolve_protocol(Protocol(), Identity()) == Protocol()  # models without one keep the default
+    capped = resolve_protocol(model, ProtocolOptions(max_long_side=0))  # the cap is still the user's
+    assert (capped.tta, capped.scales, capped.max_long_side) == (True, (1.0,), 0)
+    for given in ({"short_side": 300}, {"short_side": 512}, {"window": 64}, {"pamr": True}, {"tta": True}):
+        assert resolve_protocol(model, ProtocolOptions(**given)) == Protocol(**given)  # 512 given is given
+    assert resolve_protocol(Identity()) == Protocol()  # models without one keep the default
+    paper = resolve_protocol(model, ProtocolOptions(paper=True))  # a model's own protocol is its paper's
+    assert paper == official
 
 
 def test_annotate_records_the_protocol_it_ran_and_resumes(ckpts, tmp_path):
     from seglabel.annotate import AnnotateConfig, annotate
     from seglabel.images import find_images
+    from seglabel.predict import resolve_protocol
 
     model = build_lseg(str(ckpts["resnet"][0]))
     labelset = LabelSet.from_names(["sky", "road"])
@@ -550,15 +557,16 @@ def test_annotate_records_the_protocol_it_ran_and_resumes(ckpts, tmp_path):
     write_images(tmp_path / "photos", ["a.png"], size=(60, 90))
     out = tmp_path / "out"
     items = find_images([tmp_path / "photos"]).items
-    summary = annotate(items, model, labelset, AnnotateConfig(out=out), argv=[])
+    official = AnnotateConfig(out=out, protocol=resolve_protocol(model))
+    summary = annotate(items, model, labelset, official, argv=[])
     assert summary.labelled == 1 and not summary.failures
     protocol = json.loads((out / "run.json").read_text())["settings"]["protocol"]
     assert (protocol["tta"], protocol["scales"], protocol["flip"]) == (True, [1.0], False)
     # the same command again resumes: the stored settings (JSON lists) equal the new ones (tuples)
-    again = annotate(items, model, labelset, AnnotateConfig(out=out), argv=[])
+    again = annotate(items, model, labelset, official, argv=[])
     assert (again.labelled, again.skipped) == (0, 1)
-    # the protocol exactly as given (the command line's --short-side 512): seglabel's own
-    plain = annotate(items, model, labelset, AnnotateConfig(out=tmp_path / "plain", own_protocol=False), argv=[])
+    # annotate() runs the protocol it is given, as it is: here seglabel's own
+    plain = annotate(items, model, labelset, AnnotateConfig(out=tmp_path / "plain"), argv=[])
     assert plain.labelled == 1
     protocol = json.loads((tmp_path / "plain" / "run.json").read_text())["settings"]["protocol"]
     assert (protocol["tta"], protocol["short_side"]) == (False, 512)

@@ -82,7 +82,7 @@ def test_batched_labels_match_single_images(tmp_path, setup):
         assert (a == b).mean() > 0.999  # float summation order may differ at near-ties, nothing more
 
 
-def test_out_of_memory_halves_the_batch_and_retries(tmp_path, setup, monkeypatch, capfd):
+def test_out_of_memory_halves_the_batch_and_retries(tmp_path, setup, monkeypatch, caplog):
     items, model, labelset = setup
     forward = type(model).forward
     seen = []
@@ -99,8 +99,8 @@ def test_out_of_memory_halves_the_batch_and_retries(tmp_path, setup, monkeypatch
     assert summary.labelled == 8 and not summary.failures
     last_failure = max(i for i, n in enumerate(seen) if n > 2)
     assert seen[:last_failure + 1] == [5, 4] and max(seen[last_failure + 1:]) <= 2  # 8 -> 4 -> 2, then fits
-    err = capfd.readouterr().err
-    assert "batch size halved to 4" in err and "batch size halved to 2" in err
+    said = [r.getMessage() for r in caplog.records if r.name == "seglabel"]
+    assert said == ["out of memory: batch size halved to 4", "out of memory: batch size halved to 2"]
 
 
 def test_out_of_memory_at_batch_one_fails_only_the_images_that_do_not_fit(tmp_path, setup, monkeypatch):

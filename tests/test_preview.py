@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from seglabel.labelset import parse_labelset
-from seglabel.review import IGNORE_STRIPE, build_preview, render_overlay
+from seglabel.preview import IGNORE_STRIPE, build_preview, render_overlay
 from test_annotate_cli import annotate, run
 from test_export import STREET, make_output
 

@@ -120,7 +120,7 @@ def test_sigkill_at_random_points_then_rerun_gives_identical_outputs(tmp_path, s
                "SEGLABEL_TEST_GATE_AFTER": str(60 - done - 1)}
         proc = subprocess.Popen([*gated_seglabel("seglabel.annotate:_write_image"), *argv[3:]], env=env,
                                 start_new_session=True)
-        wait_for(lambda: records() >= target, proc, f"{target} labelled images")
+        wait_for(lambda target=target: records() >= target, proc, f"{target} labelled images")
         os.killpg(proc.pid, signal.SIGKILL)  # the run and its loader processes, as the OOM killer would
         proc.wait()
         kills += 1

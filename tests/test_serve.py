@@ -69,7 +69,7 @@ class FakeStudio(BaseHTTPRequestHandler):
 
     seen: list = []
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         FakeStudio.seen.append((self.path, self.headers.get("Authorization")))
         if self.path.startswith("/redirect"):
             self.send_response(302)
@@ -151,13 +151,11 @@ def test_project_labels_matched_by_name(small_labelset):
 # -- the HTTP endpoints ---------------------------------------------------------------------------
 @pytest.fixture
 def backend(tmp_path, tiny_weights, small_labelset, root):
-    from seglabel.annotate import AnnotateConfig
-    from seglabel.predict import Protocol
-    from seglabel.recipe import Recipe, prepare
+    from seglabel.recipe import make_recipe, prepare
 
-    recipe = Recipe(labels=small_labelset, config=AnnotateConfig(out=tmp_path / "unused", protocol=Protocol(64)),
-                    model="maskclip:tiny-vit", model_config=str(TINY_CONFIGS["tiny-vit"]),
-                    pretrained=str(tiny_weights["tiny-vit"]), device="cpu", explicit=frozenset({"short_side"}))
+    recipe = make_recipe(small_labelset, tmp_path / "unused", model="maskclip:tiny-vit", short_side=64,
+                         model_config=str(TINY_CONFIGS["tiny-vit"]), pretrained=str(tiny_weights["tiny-vit"]),
+                         device="cpu")
     ready = prepare(recipe)
     return Backend(ready.segmenter, ready.labelset, ready.config, ImageSource(root))
 

@@ -188,7 +188,7 @@ def with_text(model, text):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dino", "dinov2", "mae", "sam", "clip"])
 @pytest.mark.parametrize("size", SIZES)
-def test_proxyclip_matches_the_formula(deep_clip, text, kind, size):
+def test_proxyclip_matches_the_formula(deep_clip, text, kind, size):  # noqa: F811 - the fixture imported above
     vfm = VFM("clip", deep_clip.visual) if kind == "clip" else make_vfm(kind)
     images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
     model = with_text(ProxyCLIP(deep_clip, vfm), text)
@@ -211,7 +211,7 @@ def test_vfm_features_at_the_native_size_are_the_packages_own(kind):
         torch.testing.assert_close(vfm.qk(y), ref_qk(vfm, y), atol=1e-5, rtol=1e-5)
 
 
-def test_proxyclip_images_are_independent_in_a_batch(deep_clip, text):
+def test_proxyclip_images_are_independent_in_a_batch(deep_clip, text):  # noqa: F811 - the fixture imported above
     model = with_text(ProxyCLIP(deep_clip, make_vfm("dino")), text)
     images = torch.randn(3, 3, 40, 64, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(model(images)[1:2], model(images[1:2]), atol=1e-5, rtol=1e-5)
@@ -337,7 +337,7 @@ class Given(RegionSource):
 
 @pytest.mark.parametrize("kind", ["dino", "dinov2", "clip"])
 @pytest.mark.parametrize("size", SIZES)
-def test_corrclip_matches_the_formula(deep_clip, text, kind, size):
+def test_corrclip_matches_the_formula(deep_clip, text, kind, size):  # noqa: F811 - the fixture imported above
     vfm = VFM("clip", deep_clip.visual) if kind == "clip" else make_vfm(kind)
     images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
     ids = torch.stack([voronoi(*size, seed) for seed in (1, 2)])
@@ -388,7 +388,7 @@ def test_paint_masks_paints_larger_masks_over_smaller_ones():
     assert ids[0, 0] == 2 and ids[1, 1] == 2 and ids[3, 3] == 0 and ids.max() == 2
 
 
-def test_corrclip_windows_use_the_whole_image_regions_once(deep_clip, text):
+def test_corrclip_windows_use_the_whole_image_regions_once(deep_clip, text):  # noqa: F811 - the fixture imported above
     """In the sliding window the regions come from the whole image (one call per image), each
     window reads its part of them, and the vote runs on the averaged logits."""
     from seglabel.predict import Predictor, Protocol
@@ -412,7 +412,7 @@ def test_corrclip_windows_use_the_whole_image_regions_once(deep_clip, text):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_autocast_runs_and_mostly_agrees(deep_clip, text, dtype):
+def test_autocast_runs_and_mostly_agrees(deep_clip, text, dtype):  # noqa: F811 - the fixture imported above
     images = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(8))
     for model in (ProxyCLIP(deep_clip, make_vfm("dino")), CorrCLIP(deep_clip, make_vfm("dino"), Given([voronoi(56, 56, 1)]))):
         model = with_text(model, text)

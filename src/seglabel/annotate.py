@@ -10,11 +10,12 @@ every check passed: a refused run leaves ``out`` as it was.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -31,15 +32,17 @@ from .loader import Loaded, decode_device, default_workers, load_images
 from .memory import MemoryCheck
 from .models.base import Segmenter
 from .layout import is_run_folder
-from .predict import Prediction, Predictor, Protocol, check_protocol, resolve_protocol, to_mask
+from .predict import Prediction, Predictor, Protocol, check_protocol, to_mask
 from .records import current_record, photo_change, read_record, read_record_head, write_coco, write_labelled
-from .runs import (RUNS, RunError, SettingsMismatch, check_settings, model_identity, read_records, record_path,
-                   run_lock, settings_id, unfinished_shards)
+from .runs import (RUNS, RunError, SettingsMismatch, check_settings, read_records, record_path, run_lock,
+                   run_settings, settings_id, unfinished_shards)
 from .writers import (MASKS, OVERLAYS, PER_IMAGE, RECORDS, RUN_FILE, SCORES, BackgroundWriter, OutputError,
                       encode_overlay_jpg, encode_scores_png, remove_stale_temporaries, write_bytes, write_json)
 
 __all__ = ["AnnotateConfig", "Plan", "SettingsMismatch", "Summary", "annotate", "merge", "outputs_of", "plan",
            "settings_of"]
+
+log = logging.getLogger("seglabel")
 
 
 @dataclass
@@ -51,7 +54,7 @@ class AnnotateConfig:
     min_confidence: float | None = None  # None: the label set's ignore.min_confidence
     batch_size: int = 1
     max_pixels: int = DEFAULT_MAX_PIXELS
-    protocol: Protocol = field(default_factory=Protocol)
+    protocol: Protocol = field(default_factory=Protocol)  # used as given (predict.resolve_protocol decides it)
     workers: int | None = None  # loader processes; None: loader.default_workers(device)
     writer_threads: int = 2
     precision: str = "fp32"  # fp32 | fp16 | bf16 (autocast around the model only)
@@ -59,7 +62,6 @@ class AnnotateConfig:
     decode: str = "auto"  # JPEGs: auto (on the GPU when there is one) | cpu | device (loader.decode_device)
     part: str | None = None  # this run is one part of a job (a shard, a Ray actor): no coco.json
     cleanup: bool = True  # look for temporaries a killed run left (a walk of ``out``)
-    own_protocol: bool = True  # a model with a protocol of its own (LSeg, a student) uses it (resolve_protocol)
 
 
 @dataclass
@@ -160,15 +162,10 @@ def _plan_image(out: Path, item: ImageItem, config: AnnotateConfig, labelset: La
 
 
 def settings_of(labelset: LabelSet, segmenter: Segmenter, config: AnnotateConfig) -> dict[str, Any]:
-    """What decides the labels; a rerun into the same ``--out`` must have the same."""
-    return {
-        "labelset": labelset.fingerprint(),
-        **model_identity(getattr(segmenter, "spec", type(segmenter).__name__),
-                         getattr(segmenter, "weights_info", {}).get("pretrained")),
-        "method": segmenter.describe(),
-        "protocol": asdict(config.protocol),
-        "min_confidence": labelset.min_confidence if config.min_confidence is None else config.min_confidence,
-    }
+    """What decides the labels (``runs.run_settings``); a rerun into the same ``--out`` must have the same."""
+    return run_settings(labelset, getattr(segmenter, "spec", type(segmenter).__name__),
+                        getattr(segmenter, "weights_info", {}).get("pretrained"), config.protocol,
+                        config.min_confidence, method=segmenter.describe())
 
 
 def annotate(items: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSet, config: AnnotateConfig,
@@ -182,8 +179,6 @@ def annotate(items: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSe
     inputs, writer threads encode and write; an image is done when its record is written (last,
     after its other outputs). Nothing is written before the protocol and settings checks pass."""
     out = Path(config.out)
-    if config.own_protocol:  # LSeg: its own evaluation; a student: its training scale
-        config = replace(config, protocol=resolve_protocol(config.protocol, segmenter))
     check_protocol(config.protocol, segmenter)  # before anything is written
     settings = settings_of(labelset, segmenter, config)
     with run_lock(out, config.part):
@@ -225,7 +220,7 @@ def _label(todo: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSet, 
         segmenter.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
     if config.compile and not hasattr(segmenter.forward, "_torchdynamo_orig_callable"):
         segmenter.forward = torch.compile(segmenter.forward, dynamic=True)
-    predictor = Predictor(segmenter, config.protocol, config.batch_size, own_protocol=False)  # resolved above
+    predictor = Predictor(segmenter, config.protocol, config.batch_size)
     workers = default_workers(device) if config.workers is None else config.workers
     memory = MemoryCheck.now(config.protocol, len(labelset), segmenter.stride, config.overlay, config.save_scores)
     writer = BackgroundWriter(config.writer_threads, limit=2 * config.batch_size + 2)
@@ -328,7 +323,7 @@ def _predict(predictor: Predictor, batch: list[Loaded], precision: str) -> list[
         if predictor.batch_size == 1:
             break
         predictor.batch_size //= 2
-        print(f"seglabel: out of memory: batch size halved to {predictor.batch_size}", file=sys.stderr)
+        log.warning("out of memory: batch size halved to %d", predictor.batch_size)
     if len(batch) == 1:
         return [reason]
     out: list[Prediction | str] = []

@@ -11,7 +11,6 @@ import json
 import os
 import pickle
 import re
-import threading
 import warnings
 import zipfile
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .atomic import OutputError, atomic_path
 from .errors import UsageError
 
 
@@ -38,7 +38,7 @@ def load_weights(path: str | Path, extra_safe_globals: list[Any] | None = None) 
 
         try:
             return load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     try:
         mmap = zipfile.is_zipfile(path)  # only the zip format of torch.save can be memory-mapped
@@ -162,11 +162,9 @@ def _content_id(path: str | Path, stamp: list) -> str:
             digest.update(chunk)
     found = f"sha256:{digest.hexdigest()}"
     if entry is not None:
-        try:  # a unique temporary, then a rename: shards hashing at once never see half an entry
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            tmp = entry.with_name(f".{entry.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_text(found, encoding="ascii")
-            os.replace(tmp, entry)
-        except OSError:
+        try:  # atomically: shards hashing at once never see half an entry
+            with atomic_path(entry) as tmp:
+                tmp.write_text(found, encoding="ascii")
+        except OutputError:
             pass  # an unwritable cache only costs time
     return found

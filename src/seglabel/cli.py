@@ -49,7 +49,6 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 @app.command()
 @guarded
 def annotate(
-    ctx: typer.Context,
     inputs: List[Path] = typer.Argument(None, help="Image files and folders (walked recursively).", show_default=False),
     # -- inputs
     labels: Path = option(..., "--labels", "-l", panel=INPUTS, help="Label set YAML (see labelsets/)."),
@@ -86,14 +85,16 @@ def annotate(
                                               "--method maskclip)."),
     # -- protocol
     protocol_name: str = option("default", "--protocol", panel=PROTOCOL, help="default (short side 512, whole "
-                                "image) or paper (the method's own; --short-side/--window given too win)."),
-    short_side: int = option(512, "--short-side", panel=PROTOCOL, help="Resize so the short side is this."),
-    max_long_side: int = option(2048, "--max-long-side", panel=PROTOCOL, help="...unless the long side exceeds "
-                                "this (0: no cap)."),
-    window: int = option(0, "--window", panel=PROTOCOL, help="Sliding-window size in resized pixels (0: whole "
-                         "image)."),
-    window_stride: int = option(0, "--window-stride", panel=PROTOCOL, help="Sliding-window stride (0: half the "
-                                "window)."),
+                                "image; or the model's own) or paper (the method's own); --short-side/--window "
+                                "given win over either."),
+    short_side: Optional[int] = option(None, "--short-side", panel=PROTOCOL, help="Resize so the short side is "
+                                       "this (default: 512, or the model's own).", show_default=False),
+    max_long_side: Optional[int] = option(None, "--max-long-side", panel=PROTOCOL, help="...unless the long side "
+                                          "exceeds this (0: no cap; default: 2048).", show_default=False),
+    window: Optional[int] = option(None, "--window", panel=PROTOCOL, help="Sliding-window size in resized pixels "
+                                   "(default 0: whole image).", show_default=False),
+    window_stride: Optional[int] = option(None, "--window-stride", panel=PROTOCOL, help="Sliding-window stride "
+                                          "(default 0: half the window).", show_default=False),
     tta: bool = flag("--tta", panel=PROTOCOL, help="LSeg's official multi-scale + flip + 480 sliding window "
                      "(slow)."),
     pamr: bool = flag("--pamr", panel=PROTOCOL, help="Refine the upsampled logits with PAMR (NACLIP's option)."),
@@ -123,48 +124,22 @@ def annotate(
     quiet: bool = flag("--quiet", "-q", panel=RUN, help="No progress bar or summary on stderr."),
 ) -> int:
     """Label every pixel of every image with the classes of a label set."""
-    from .annotate import AnnotateConfig
-    from .annotate import annotate as run_annotate
-    from .images import IMAGE_SUFFIXES, find_images, read_lines
-    from .predict import Protocol
-    from .recipe import PROTOCOL_FIELDS, Recipe, check, prepare
-    from .recipe import dry_run as plan_run
-    from .runs import parse_shard, select_shard, shard_part
+    from .folders import label_folders, plan_folders
 
-    if not inputs and not from_list:
-        raise UsageError("give image files or folders, or --from-list")
-    shard_spec = parse_shard(shard)
-    config = AnnotateConfig(out=out, overwrite=overwrite, overlay=overlay, save_scores=save_scores,
-                            min_confidence=min_confidence, batch_size=batch_size, max_pixels=max_pixels,
-                            protocol=Protocol(short_side, max_long_side, window, window_stride, tta, pamr=pamr),
-                            workers=workers, precision=precision, compile=compile_model, decode=decode,
-                            part=shard_part(shard_spec))
-    recipe = Recipe(labels=labels, config=config, model=model, pretrained=pretrained,
-                    model_config=str(model_config) if model_config else None, cache_dir=cache_dir, device=device,
-                    method=method, logit_scale=logit_scale, key_smoothing=key_smoothing,
-                    prompt_denoising=prompt_denoising, protocol_name=protocol_name,
-                    model_options={k: v for k, v in (("proxy", proxy), ("proxy_weights", proxy_weights),
-                                                     ("regions", regions)) if v is not None},
-                    explicit=frozenset(f for f in PROTOCOL_FIELDS
-                                       if getattr(ctx.get_parameter_source(f), "name", "") == "COMMANDLINE"))
-    checked = check(recipe)  # flags, output folder, device, label set, model spec, settings in --out
-    for warning in checked.labelset.warnings:
-        say(warning, "warning")
-    found = find_images(inputs or [], read_lines(from_list) if from_list else [], exclude=[out], root=root)
-    found.items = select_shard(found.items, shard_spec)
-    if shard_spec and shard_spec[0] != 0:
-        found.problems = []  # unreadable list entries are reported once, by shard 0
-    if not found.items and not found.problems:
-        skipped = f"; {len(found.skipped_outputs)} seglabel output folders skipped" if found.skipped_outputs else ""
-        raise UsageError("no images found (looked for " + ", ".join(sorted(IMAGE_SUFFIXES)) + skipped + ")")
+    options = dict(
+        model=model, from_list=from_list, root=root, shard=shard, max_pixels=max_pixels, pretrained=pretrained,
+        model_config=str(model_config) if model_config else None, cache_dir=cache_dir, method=method, proxy=proxy,
+        proxy_weights=proxy_weights, regions=regions, logit_scale=logit_scale, key_smoothing=key_smoothing,
+        prompt_denoising=prompt_denoising, protocol=protocol_name, short_side=short_side,
+        max_long_side=max_long_side, window=window, window_stride=window_stride, tta=tta or None,
+        pamr=pamr or None, min_confidence=min_confidence, overlay=overlay, save_scores=save_scores,
+        overwrite=overwrite, device=device, batch_size=batch_size, precision=precision, workers=workers,
+        decode=decode, compile=compile_model)
     if dry_run:
-        return _print_plan(plan_run(recipe, found.items, checked), found.problems, as_json)
-    ready = prepare(recipe, checked)
-    for warning in ready.segmenter.label_warnings:  # classes this model's tokenizer cannot tell apart
-        say(warning, "warning")
-    with _progress(len(found.items), bar=not (quiet or as_json), report=not quiet) as on_image:
-        summary = run_annotate(found.items, ready.segmenter, ready.labelset, ready.config, found.problems,
-                               on_image, sys.argv, skipped_outputs=found.skipped_outputs)
+        return _print_plan(plan_folders(inputs or [], labels, out, **options), as_json)
+    with _Progress(bar=not (quiet or as_json), report=not quiet) as progress:
+        summary = label_folders(inputs or [], labels, out, progress=False, on_start=progress.start,
+                                on_image=progress.on_image, argv=sys.argv, **options)
     if as_json:
         typer.echo(_json(summary.to_dict()))
     if quiet:  # no progress and no summary, but never silent about what failed
@@ -304,9 +279,9 @@ def _json(obj) -> str:
     return to_json(obj, indent=2)
 
 
-def _print_plan(plan, input_problems, as_json: bool) -> int:
+def _print_plan(plan, as_json: bool) -> int:
     """What a dry run found: images to label, done, and every problem a run would report."""
-    problems = list(input_problems) + plan.problems
+    problems = plan.problems
     if as_json:
         typer.echo(_json({"todo": [str(i.path) for i in plan.todo], "done": [str(i.path) for i in plan.done],
                           "kept": [str(i.path) for i in plan.kept],
@@ -324,28 +299,22 @@ def _print_plan(plan, input_problems, as_json: bool) -> int:
     return exitcodes.FAILURES if problems else exitcodes.OK
 
 
-class _progress:
-    """A rich progress bar on stderr when it is a terminal (``bar``); failures as lines (``report``)."""
+class _Progress:
+    """A rich progress bar on stderr when it is a terminal (``bar``), from ``start(total)``;
+    failures as lines (``report``)."""
 
-    def __init__(self, total: int, bar: bool, report: bool) -> None:
-        self.total, self.show_bar, self.report, self.bar = total, bar, report, None
+    def __init__(self, bar: bool, report: bool) -> None:
+        self.show_bar, self.report, self.bar = bar, report, None
 
-    def __enter__(self):
+    def start(self, total: int) -> None:
         if self.show_bar and sys.stderr.isatty():
             from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("labelling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                 console=Console(stderr=True), transient=True)
             self.bar.start()
-            self.task = self.bar.add_task("", total=self.total)
-        return self.on_image
+            self.task = self.bar.add_task("", total=total)
 
     def on_image(self, item, error) -> None:
         if error and self.report:
@@ -356,6 +325,9 @@ class _progress:
                 typer.echo(line, err=True)
         if self.bar:
             self.bar.advance(self.task)
+
+    def __enter__(self) -> "_Progress":
+        return self
 
     def __exit__(self, *exc) -> None:
         if self.bar:
@@ -400,7 +372,7 @@ def preview(
     """Write OUT/preview/index.html: every image under its labels, least confident first."""
     import webbrowser
 
-    from .review import build_preview
+    from .preview import build_preview
 
     result = build_preview(out, images, per_page=per_page, jobs=jobs)
     _print_left_out(result.left_out)
@@ -422,10 +394,10 @@ def export(
     fmt: str = typer.Option(..., "--format", "-f", help="cvat, labelstudio, fiftyone, hf (Hugging Face dataset) or webdataset."),
     dest: Optional[Path] = typer.Option(None, "--dest", help="Output folder (default: OUT/export/FORMAT)."),
     images: List[Path] = typer.Option([], "--images", help="Folder the photos were labelled from (if not where run.json says)."),
-    document_root: Optional[Path] = typer.Option(None, "--document-root",
-                                                 help="labelstudio: LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; image paths relative to it."),
-    shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1,
-                                             help="hf, webdataset: images per shard (default 1000; shards also stop near 500 MB)."),
+    document_root: Optional[Path] = typer.Option(None, "--document-root", help="labelstudio: "
+                                                 "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; image paths relative to it."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="hf, webdataset: images per shard "
+                                             "(default 1000; shards also stop near 500 MB)."),
 ) -> int:
     """Export the labels for review in CVAT, Label Studio or FiftyOne, or as a training data set
     (Hugging Face dataset, WebDataset shards)."""
@@ -468,7 +440,7 @@ def run(argv: list[str] | None = None) -> int:
             return exitcodes.USAGE
         say(usage_line(e, args))
         return getattr(e, "exit_code", exitcodes.USAGE)
-    except BaseException as e:  # noqa: BLE001 - outside any command (parsing): one line too
+    except BaseException as e:  # outside any command (parsing): one line too
         if isinstance(e, SystemExit):
             raise
         return exit_code_of(e)

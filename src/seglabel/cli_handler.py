@@ -1,14 +1,20 @@
 """The one error handler of every ``seglabel`` command: an error -> one line and its exit code.
 
-``guarded`` wraps each command: library errors print ``seglabel: error: <message>`` and exit
+``guarded`` wraps each command: seglabel's errors print ``seglabel: error: <message>`` and exit
 with their ``exit_code`` (``errors.py``), Ctrl-C exits 130 and SIGTERM 143 (after the command
-finished what was in flight), anything else prints its type and message on one line and exits 1.
+finished what was in flight); anything else is unexpected: its type and message on one line with
+a hint, exit 1. ``SEGLABEL_DEBUG=1`` prints the traceback of any error before its line.
 ``usage_line`` does the same for what the argument parser refuses (cli.py's ``main``).
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+import logging
+import os
+import sys
+import traceback
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import typer
 
@@ -21,12 +27,13 @@ INPUTS, MODEL, PROTOCOL, OUTPUTS, RUN = "Inputs", "Model", "Protocol", "Outputs"
 TEACHER, STUDENT, TRAINING = "Teacher", "Student", "Training"
 
 
-def option(default: Any, *names: str, help: str, panel: str | None = None, metavar: str | None = None,
-           **limits: Any) -> Any:
+def option(default: Any, *names: str, help: str,  # noqa: A002 - typer's name for it
+           panel: str | None = None, metavar: str | None = None, **limits: Any) -> Any:
     return typer.Option(default, *names, help=help, rich_help_panel=panel, metavar=metavar, **limits)
 
 
-def flag(*names: str, help: str, panel: str | None = None, default: bool | None = False) -> Any:
+def flag(*names: str, help: str,  # noqa: A002 - typer's name for it
+         panel: str | None = None, default: bool | None = False) -> Any:
     """An on/off switch (or an ``--x/--no-x`` pair): shown without a value type, and refused with
     one (``--overlay true``)."""
     return typer.Option(default, *names, help=help, rich_help_panel=panel, metavar="", show_default=False)
@@ -37,38 +44,82 @@ def say(message: str, level: str = "error") -> None:
 
 
 def exit_code_of(e: BaseException) -> int:
-    """Report ``e`` on one line; returns the exit code it means."""
+    """Report ``e`` on one line; returns the exit code it means. Only seglabel's own errors have
+    exit codes of their own; anything else is unexpected (a bug, or a failure seglabel did not
+    foresee): exit 1, with a hint. ``SEGLABEL_DEBUG=1`` prints the traceback first, for any error."""
     if isinstance(e, KeyboardInterrupt):
         code = interrupt_exit_code(e)
         say(("terminated (SIGTERM)" if code == exitcodes.TERMINATED else "interrupted")
             + "; run the same command to resume")
         return code
+    debug = _debugging()
+    if debug:
+        traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
     if isinstance(e, SeglabelError):
         say(str(e))
         return e.exit_code
-    if isinstance(e, (ValueError, FileNotFoundError)):
-        say(str(e))  # checks of modules that raise the built-in types: refusals before any work
-        return exitcodes.USAGE
-    say(f"{type(e).__name__}: {e}")
+    hint = "" if debug else f" (unexpected; {DEBUG_VARIABLE}=1 shows the traceback)"
+    say(f"{type(e).__name__}: {e}{hint}")
     return exitcodes.ERROR
+
+
+DEBUG_VARIABLE = "SEGLABEL_DEBUG"
+
+
+def _debugging() -> bool:
+    return os.environ.get(DEBUG_VARIABLE, "").strip().lower() not in ("", "0", "no", "off", "false")
 
 
 def guarded(command: Callable[..., int | None]) -> Callable[..., None]:
     """A command whose errors end as one line and the documented exit code (its return value is
-    the exit code; None is 0). SIGTERM is handled like Ctrl-C while it runs."""
+    the exit code; None is 0). SIGTERM is handled like Ctrl-C while it runs, and the library's
+    messages are printed (``printed_messages``; a ``quiet`` flag of the command hides INFO)."""
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> None:
         terminate_like_ctrl_c()
-        try:
-            code = command(*args, **kwargs)
-        except (typer.Exit, SystemExit):
-            raise
-        except BaseException as e:  # noqa: BLE001 - the last line of defence: one line
-            code = exit_code_of(e)
+        with printed_messages(quiet=bool(kwargs.get("quiet"))):
+            try:
+                code = command(*args, **kwargs)
+            except (typer.Exit, SystemExit):
+                raise
+            except BaseException as e:  # noqa: BLE001 - the last line of defence: one line
+                code = exit_code_of(e)
         raise typer.Exit(code or exitcodes.OK)
 
     return run
+
+
+class _Lines(logging.Handler):
+    """The library's messages as the command line shows them: warnings and errors as
+    ``seglabel: warning: <message>``, information as the message alone; one line each."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = one_line(record.getMessage())
+            level = record.levelname.lower()
+            typer.echo(text if record.levelno < logging.WARNING else f"seglabel: {level}: {text}", err=True)
+        except Exception:  # noqa: BLE001 - logging's own rule: a message that cannot be shown is reported there
+            self.handleError(record)
+
+
+@contextmanager
+def printed_messages(quiet: bool = False) -> Iterator[None]:
+    """While a command runs, what the library logs (``logging.getLogger("seglabel")``) is printed
+    on stderr, once (the logger does not pass it on to the root's handlers): warnings always,
+    information unless ``quiet``. The logger is left as it was found."""
+    logger = logging.getLogger("seglabel")
+    saved = logger.level, logger.propagate
+    handler = _Lines()
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 def usage_line(e: Exception, args: Sequence[str]) -> str:

@@ -19,7 +19,7 @@ import typer
 
 from . import exitcodes
 from .cli_handler import flag, guarded, option
-from .errors import UsageError, one_line
+from .errors import UsageError
 
 SERVER = "Server"
 # annotate's flags that decide the labels; serve takes them as annotate declares them
@@ -34,7 +34,6 @@ def serve_command(annotate: Callable[..., None]) -> Callable[..., None]:
 
     @guarded
     def serve(
-        ctx: typer.Context,
         labelstudio: bool = flag("--labelstudio", panel=SERVER, help="Speak Label Studio's ML backend protocol "
                                  "(/health, /setup, /predict, /webhook); the one protocol for now."),
         host: str = option("127.0.0.1", "--host", panel=SERVER, help="Address to listen on (127.0.0.1: this "
@@ -65,10 +64,10 @@ def serve_command(annotate: Callable[..., None]) -> Callable[..., None]:
         key_smoothing: Optional[bool] = same["key_smoothing"],
         prompt_denoising: Optional[bool] = same["prompt_denoising"],
         protocol_name: str = same["protocol_name"],
-        short_side: int = same["short_side"],
-        max_long_side: int = same["max_long_side"],
-        window: int = same["window"],
-        window_stride: int = same["window_stride"],
+        short_side: Optional[int] = same["short_side"],
+        max_long_side: Optional[int] = same["max_long_side"],
+        window: Optional[int] = same["window"],
+        window_stride: Optional[int] = same["window_stride"],
         tta: bool = same["tta"],
         pamr: bool = same["pamr"],
         min_confidence: Optional[float] = same["min_confidence"],
@@ -77,9 +76,7 @@ def serve_command(annotate: Callable[..., None]) -> Callable[..., None]:
         precision: str = same["precision"],
     ) -> int:
         """Serve pre-labels to Label Studio as an ML backend: annotate's labels, as people open tasks."""
-        from .annotate import AnnotateConfig
-        from .predict import Protocol
-        from .recipe import PROTOCOL_FIELDS, Recipe, check, prepare
+        from .recipe import check, make_recipe, prepare
         from .serve import Backend, ImageSource
 
         if not labelstudio:
@@ -92,21 +89,16 @@ def serve_command(annotate: Callable[..., None]) -> Callable[..., None]:
         server = _bind(host, port, auth)  # a busy port is refused before the model is loaded
         try:
             with tempfile.TemporaryDirectory(prefix="seglabel-serve-") as scratch:  # annotate's checks want an --out
-                config = AnnotateConfig(out=Path(scratch), min_confidence=min_confidence, max_pixels=max_pixels,
-                                        protocol=Protocol(short_side, max_long_side, window, window_stride, tta,
-                                                          pamr=pamr), precision=precision, workers=0)
-                recipe = Recipe(
-                    labels=labels, config=config, model=model, pretrained=pretrained,
+                recipe = make_recipe(
+                    labels, scratch, model=model, pretrained=pretrained,
                     model_config=str(model_config) if model_config else None, cache_dir=cache_dir, device=device,
                     method=method, logit_scale=logit_scale, key_smoothing=key_smoothing,
-                    prompt_denoising=prompt_denoising, protocol_name=protocol_name,
-                    model_options={k: v for k, v in (("proxy", proxy), ("proxy_weights", proxy_weights),
-                                                     ("regions", regions)) if v is not None},
-                    explicit=frozenset(f for f in PROTOCOL_FIELDS
-                                       if getattr(ctx.get_parameter_source(f), "name", "") == "COMMANDLINE"))
+                    prompt_denoising=prompt_denoising, proxy=proxy, proxy_weights=proxy_weights, regions=regions,
+                    protocol=protocol_name, short_side=short_side, max_long_side=max_long_side, window=window,
+                    window_stride=window_stride, tta=tta or None, pamr=pamr or None, min_confidence=min_confidence,
+                    max_pixels=max_pixels, precision=precision, workers=0)
                 ready = prepare(recipe, check(recipe))
             server.backend = Backend(ready.segmenter, ready.labelset, ready.config, source)
-            _log_to_stderr()
             if host not in ("127.0.0.1", "localhost", "::1") and auth is None:
                 logging.getLogger("seglabel").warning("listening on %s without --basic-auth: anyone who reaches "
                                                       "this address can use the model", host)
@@ -142,16 +134,3 @@ def _bind(host: str, port: int, auth: tuple[str, str] | None):
     except OSError as e:
         why = "already in use" if e.errno == errno.EADDRINUSE else (e.strerror or type(e).__name__).lower()
         raise UsageError(f"--host {host} --port {port}: cannot listen there ({why})") from None
-
-
-class _OneLine(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        typer.echo(f"seglabel: {record.levelname.lower()}: {one_line(record.getMessage())}", err=True)
-
-
-def _log_to_stderr() -> None:
-    logger = logging.getLogger("seglabel")
-    if not any(isinstance(h, _OneLine) for h in logger.handlers):
-        logger.addHandler(_OneLine(logging.INFO))
-    logger.setLevel(logging.INFO)
-    logger.propagate = False  # a root handler some library set up would print each line twice

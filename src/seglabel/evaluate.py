@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 import yaml
-from PIL import Image
 
 from .errors import UsageError
 from .images import printable
 from .labelset import IGNORE_INDEX, IGNORE_INDEX_16BIT, LabelSet, LabelSetError, load_labelset, name_key, parse_labelset
 from .layout import MASKS, RUN_FILE
 from .records import current_record, iter_records, photo_change
+from .writers import MaskError, read_mask
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -405,34 +405,17 @@ class _Skip(Exception):
 
 
 def _read_pair(pred: Path, gt: Path) -> tuple[np.ndarray, np.ndarray]:
-    with _open(pred, "prediction") as p_im, _open(gt, "ground truth") as g_im:
-        if p_im.size != g_im.size:
-            raise _Skip(f"size mismatch: prediction {p_im.size[0]}x{p_im.size[1]}, "
-                        f"ground truth {g_im.size[0]}x{g_im.size[1]}")
-        return _ids(p_im, "prediction"), _ids(g_im, "ground truth")
+    p, g = _read(pred, "prediction"), _read(gt, "ground truth")
+    if p.shape != g.shape:
+        raise _Skip(f"size mismatch: prediction {p.shape[1]}x{p.shape[0]}, ground truth {g.shape[1]}x{g.shape[0]}")
+    return p, g
 
 
-def _open(path: Path, what: str) -> Image.Image:
+def _read(path: Path, what: str) -> np.ndarray:
     try:
-        return Image.open(path)
-    except OSError as e:  # not an image, truncated header
-        raise _Skip(f"{what} cannot be opened: {e}") from None
-
-
-def _ids(im: Image.Image, what: str) -> np.ndarray:
-    """Pixel values of a single-channel mask as uint8 or uint16 (palette images: the indices)."""
-    if im.mode not in ("P", "L", "I", "I;16", "I;16L", "I;16B"):
-        raise _Skip(f"{what} is a {im.mode} image; expected single-channel class ids "
-                    f"(palette, 8-bit or 16-bit grayscale)")
-    try:
-        a = np.asarray(im)
-    except (OSError, ValueError) as e:  # truncated or corrupt PNG
-        raise _Skip(f"{what} cannot be read: {e}") from None
-    if a.dtype == np.uint8:
-        return a
-    if a.size and (a.min() < 0 or a.max() > IGNORE_INDEX_16BIT):
-        raise _Skip(f"{what} has values outside 0..65535")
-    return a.astype(np.uint16)  # also makes big-endian I;16B native
+        return read_mask(path)
+    except MaskError as e:
+        raise _Skip(f"{what} {e.reason}") from None
 
 
 # -- display ----------------------------------------------------------------------------------

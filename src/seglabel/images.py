@@ -141,7 +141,8 @@ def find_images(paths: Iterable[str | Path] = (), listed: Iterable[str] = (),
                                                   "coco.json entry cannot name it; rename it (e.g. with convmv)"))
             continue
         if item.key in owner:
-            problems.append(ImageError(item.path, f"its mask would be {item.key}.png, already made from {printable(owner[item.key])}"))
+            problems.append(ImageError(item.path, f"its mask would be {item.key}.png, already made from "
+                                                  f"{printable(owner[item.key])}"))
             continue
         owner[item.key] = item.path
         items.append(item)

@@ -355,7 +355,7 @@ def _warnings(classes: list[LabelClass], class_at) -> list[tuple[tuple, str]]:
         if problem:
             out.append((i, class_at(i), f"class {_show(c.name)}: {problem}; `seglabel export --format cvat` "
                                         "will refuse this label set (the other exports take it)"))
-    for key, shared in owners.items():
+    for shared in owners.values():
         if len(shared) < 2:
             continue
         names = [classes[i].name for i, _ in shared]

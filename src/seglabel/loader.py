@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .decode import decode_jpegs, device_decoding_available, device_jpeg
+from .errors import UsageError
 from .images import ImageError, ImageItem, file_fingerprint, load_image
 from .interrupts import leave_signals_to_parent
 from .predict import Protocol, prepare_image, prepare_pixels
@@ -95,11 +96,11 @@ def decode_device(choice: str, device: torch.device) -> torch.device | None:
     device. ``auto``: the GPU when it can (CUDA with nvjpeg), else the CPU; ``cpu``: always the
     CPU; ``device``: the model's device whatever it is (on a CPU, torchvision's decoder)."""
     if choice not in DECODE_CHOICES:
-        raise ValueError(f"--decode {choice}: choose one of {', '.join(DECODE_CHOICES)}")
+        raise UsageError(f"--decode {choice}: choose one of {', '.join(DECODE_CHOICES)}")
     if choice == "cpu" or (choice == "auto" and not device_decoding_available(device)):
         return None
     if device.type == "cuda" and not device_decoding_available(device):
-        raise ValueError("--decode device: this torchvision cannot decode JPEGs on the GPU (built without nvjpeg)")
+        raise UsageError("--decode device: this torchvision cannot decode JPEGs on the GPU (built without nvjpeg)")
     return device
 
 

@@ -6,8 +6,8 @@ map of a 4000-pixel-wide photo never needs (K, H, W) floats at once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -32,18 +32,54 @@ class Protocol:
     flip: bool = True  # with tta: the mirror image too; (1.0,) without flip is its single-scale protocol
 
 
-def resolve_protocol(protocol: Protocol, segmenter: Segmenter) -> Protocol:
-    """The protocol a run uses. A model with a protocol of its own (``Segmenter.default_protocol``:
-    LSeg's official single-scale evaluation; a student's training scale) uses it in place of
-    seglabel's defaults, unless another protocol was asked for: a short side other than the
-    default, or, for an own evaluation protocol (LSeg), --window, --tta or --pamr (--max-long-side
-    still caps huge photos first)."""
-    own = getattr(segmenter, "default_protocol", None)
-    if not own or protocol.short_side != Protocol().short_side:
-        return protocol
-    if own.get("tta") and (protocol.tta or protocol.window or protocol.pamr):
-        return protocol
-    return replace(protocol, **own)
+@dataclass(frozen=True)
+class ProtocolOptions:
+    """The protocol as a user gives it: each field None where not given (``Protocol``'s fields,
+    and ``paper``: ``--protocol paper``). ``resolve_protocol`` turns it into the ``Protocol`` a run
+    uses, once."""
+
+    paper: bool = False  # the method's own protocol (models/trainingfree.paper_protocol)
+    short_side: int | None = None
+    max_long_side: int | None = None
+    window: int | None = None
+    window_stride: int | None = None
+    tta: bool | None = None
+    pamr: bool | None = None
+    scales: tuple[float, ...] | None = None
+    flip: bool | None = None
+
+    def given(self) -> dict[str, Any]:
+        """The ``Protocol`` fields given, with a window given without a stride getting half the
+        given window (stride 0)."""
+        given = {f.name: getattr(self, f.name) for f in fields(Protocol) if getattr(self, f.name) is not None}
+        if given.get("scales") is not None:
+            given["scales"] = tuple(given["scales"])
+        if "window" in given and "window_stride" not in given:
+            given["window_stride"] = 0
+        return given
+
+
+def resolve_protocol(segmenter: Segmenter | None, options: ProtocolOptions = ProtocolOptions()) -> Protocol:
+    """The protocol a run uses, decided once: what was given wins; then, for the rest, the model's
+    own protocol (``Segmenter.default_protocol``: LSeg's official single-scale evaluation, a
+    student's training scale) or, with ``paper``, the method's published one; then seglabel's
+    defaults (``Protocol()``). A model's own protocol gives way to a short side given, and an own
+    evaluation protocol (LSeg's) also to a window, --tta or --pamr given (a given --max-long-side
+    still caps huge photos first). ``segmenter`` None: a model with no protocol of its own, and
+    no ``paper`` (what ``recipe.check`` knows before the model is built)."""
+    given = options.given()
+    own = getattr(segmenter, "default_protocol", None) or {}
+    if own and "short_side" not in given and not (own.get("tta") and (options.tta or options.window or options.pamr)):
+        base = dict(own)  # the model's own protocol is its published one too
+    elif options.paper:
+        from .models.trainingfree import paper_protocol
+
+        if segmenter is None:
+            raise UsageError("--protocol paper: the method's protocol is known once its model is built")
+        base = paper_protocol(getattr(segmenter, "method", "maskclip"))
+    else:
+        base = {}
+    return Protocol(**{**base, **given})
 
 
 @dataclass
@@ -152,12 +188,10 @@ def prepare_pixels(pixels: torch.Tensor, protocol: Protocol, mean: Sequence[floa
 
 
 class Predictor:
-    """Runs a segmenter on RGB images under a protocol and returns full-size labels."""
+    """Runs a segmenter on RGB images under a protocol, used as given, and returns full-size
+    labels. The protocol a run of this model would use: ``resolve_protocol(segmenter)``."""
 
-    def __init__(self, segmenter: Segmenter, protocol: Protocol = Protocol(), batch_size: int = 1,
-                 own_protocol: bool = True) -> None:
-        if own_protocol:  # the model's own protocol in place of the default (resolve_protocol)
-            protocol = resolve_protocol(protocol, segmenter)
+    def __init__(self, segmenter: Segmenter, protocol: Protocol = Protocol(), batch_size: int = 1) -> None:
         check_protocol(protocol, segmenter)
         self.model = segmenter.eval()
         self.protocol = protocol
@@ -181,7 +215,7 @@ class Predictor:
         """Like ``predict`` for images already through ``prepare_image`` (e.g. in a loader
         process); ``sizes`` are the original (H, W). Not for the TTA protocol."""
         if self.protocol.tta:
-            raise ValueError("this protocol resizes the photo per scale itself: give the pixels to predict()")
+            raise UsageError("this protocol resizes the photo per scale itself: give the pixels to predict()")
         prepared = [x.to(self.device, non_blocking=True) for x in prepared]
         if self.protocol.window:
             return [self._finish(*self._refine(self._slide(x), 1, x), x.shape[1:], size)

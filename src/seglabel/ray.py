@@ -3,7 +3,7 @@
     import ray
     from seglabel.ray import Annotator, list_images
 
-    ds = ray.data.from_items(list_images(["./photos"]))
+    ds = ray.data.from_items(list_images(["./photos"], out="labels"))
     results = ds.map_batches(Annotator, fn_constructor_kwargs={"out": "labels", "labels": "street.yaml"},
                              batch_size=16, concurrency=4, num_gpus=1).materialize()
     # then `seglabel merge labels` writes labels/coco.json
@@ -15,50 +15,43 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from .annotate import AnnotateConfig, annotate
+from .annotate import annotate
 from .errors import UsageError
 from .images import ImageItem, find_images
 from .models.registry import DEFAULT_MODEL
-from .predict import Protocol
-from .recipe import Recipe, prepare
+from .recipe import make_recipe, prepare
 
 
-def list_images(inputs: Sequence[str | Path], root: str | Path | None = None) -> list[dict[str, str]]:
+def list_images(inputs: Sequence[str | Path], root: str | Path | None = None,
+                out: str | Path | None = None) -> list[dict[str, str]]:
     """Rows ``{"path", "rel"}`` for ``ray.data.from_items``, found as the CLI finds them (``root``
-    as ``--root``); inputs that cannot be used raise (one line per problem)."""
-    found = find_images([Path(p) for p in inputs], root=root)
+    as ``--root``; ``out``, the output folder, is never walked); inputs that cannot be used raise
+    (one line per problem)."""
+    found = find_images([Path(p) for p in inputs], exclude=[out] if out is not None else [], root=root)
     if found.problems:
         raise UsageError("; ".join(str(p) for p in found.problems))
     return [{"path": str(item.path), "rel": item.rel} for item in found.items]
 
 
 class Annotator:
-    """A callable class for ``Dataset.map_batches``: builds the segmenter once (through the same
-    checks and recipe as ``seglabel annotate``), then labels each batch of rows (columns ``path``
-    and ``rel``) into ``out``. ``options``: further ``Recipe`` fields (``method``, ``model_config``,
-    ``key_smoothing``...) and options of the model's builder."""
+    """A callable class for ``Dataset.map_batches``: builds the segmenter once, through the same
+    checks and recipe as ``seglabel annotate`` and ``seglabel.label_folders``, then labels each
+    batch of rows (columns ``path`` and ``rel``) into ``out``. ``options``: ``label_folders``'
+    keyword options (``pretrained``, ``method``, ``short_side``, ``protocol``, ``batch_size``,
+    ``overlay``, ``device``...; ``recipe.make_recipe``)."""
 
-    def __init__(self, out: str | Path, labels: str | Path, model: str = DEFAULT_MODEL,
-                 pretrained: str | None = "openai", device: str = "auto", protocol: Protocol | None = None,
-                 batch_size: int = 1, overlay: bool = False, save_scores: bool = False,
-                 min_confidence: float | None = None, **options: Any) -> None:
-        config = AnnotateConfig(
-            out=Path(out), batch_size=batch_size, overlay=overlay, save_scores=save_scores,
-            min_confidence=min_confidence, protocol=protocol or Protocol(),
-            workers=0,  # Ray already runs the actors in parallel; decode in the actor
-            part=f"ray-{socket.gethostname()}-{os.getpid()}")
-        known = {f.name for f in fields(Recipe)}
-        recipe = Recipe(labels=labels, config=config, model=model, pretrained=pretrained, device=device,
-                        **{k: v for k, v in options.items() if k in known},
-                        model_options={k: v for k, v in options.items() if k not in known})
-        ready = prepare(recipe)
+    def __init__(self, out: str | Path, labels: str | Path, model: str = DEFAULT_MODEL, **options: Any) -> None:
+        options.update(workers=0,  # Ray already runs the actors in parallel; decode in the actor
+                       part=f"ray-{socket.gethostname()}-{os.getpid()}")
+        ready = prepare(make_recipe(labels, out, model=model, **options))
         self.labelset, self.segmenter, self.config = ready.labelset, ready.segmenter, ready.config
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [ImageItem(Path(str(p)), str(r)) for p, r in zip(batch["path"], batch["rel"])]
         status = {item.key: "skipped" for item in items}  # what annotate reports no outcome for was done before

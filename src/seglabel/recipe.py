@@ -1,15 +1,19 @@
 """One annotate run from what a user gives (label set, model spec, protocol, options), checked and
-built: the one path that ``seglabel annotate`` and ``seglabel.ray.Annotator`` both take.
+built: the one path that ``seglabel annotate``, ``seglabel.label_folders``, ``seglabel.ray`` and
+``seglabel serve`` take.
 
-``check`` validates everything that needs no model: the numbers and choices, the output folder,
-the device, the label set, the model spec and the settings already in ``--out``. ``prepare``
-then builds the model and checks the protocol against it. Both come before anything is written,
-so a refused run leaves the disk as it was. ``dry_run`` is ``check`` plus the header of every
-image still to label.
+A ``Recipe`` holds every option of a run as given (None: not given). ``check`` validates what
+needs no model: the numbers and choices, the output folder, the device, the label set, the model
+spec and its options, and the settings already in ``out``. ``prepare`` then builds the model and
+decides the protocol once (``predict.resolve_protocol``: given > ``--protocol paper`` or the
+model's own > defaults), checked against the model; the ``AnnotateConfig`` it returns holds that
+concrete protocol. Both come before anything is written, so a refused run leaves the disk as it
+was. ``dry_run`` is ``check`` plus the header of every image still to label.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,23 +23,29 @@ import torch
 
 from .annotate import AnnotateConfig, plan
 from .errors import UsageError
-from .images import ImageError, ImageItem, read_size
+from .images import DEFAULT_MAX_PIXELS, ImageError, ImageItem, read_size
 from .labelset import LabelSet, load_labelset
-from .loader import DECODE_CHOICES
+from .loader import DECODE_CHOICES, decode_device
 from .models.base import Segmenter
-from .models.registry import DEFAULT_MODEL, OWN_PROTOCOL_KINDS, load_segmenter, parse_spec
-from .predict import Protocol, check_protocol, check_protocol_options, resolve_device
-from .runs import check_owned, check_settings, model_identity
+from .models.registry import DEFAULT_MODEL, OWN_PROTOCOL_KINDS, check_options, load_segmenter, parse_spec
+from .predict import (Protocol, ProtocolOptions, check_protocol, check_protocol_options, resolve_device,
+                      resolve_protocol)
+from .runs import check_owned, check_settings, run_settings
 from .writers import check_output_folder
 
-PROTOCOL_FIELDS = ("short_side", "max_long_side", "window", "window_stride")
 PRECISIONS = ("fp32", "fp16", "bf16")
+PROTOCOL_NAMES = ("default", "paper")
+
+log = logging.getLogger("seglabel")
 
 
 @dataclass
 class Recipe:
+    """Every option of an annotate run, as given (None: not given, decided by ``prepare``)."""
+
     labels: str | Path | LabelSet
-    config: AnnotateConfig
+    out: str | Path = "labels"
+    # -- the model
     model: str = DEFAULT_MODEL
     pretrained: str | None = "openai"
     model_config: str | None = None
@@ -45,16 +55,63 @@ class Recipe:
     logit_scale: float | None = None
     key_smoothing: bool | None = None  # None: on for --method maskclip
     prompt_denoising: bool | None = None
-    protocol_name: str = "default"  # or "paper": the method's own protocol ...
-    explicit: frozenset[str] = frozenset()  # ... except these fields of config.protocol, given by the user
-    model_options: dict[str, Any] = field(default_factory=dict)  # further options of the model's builder
+    model_options: dict[str, Any] = field(default_factory=dict)  # the builder's others: proxy, proxy_weights, regions
+    # -- what else decides the labels
+    protocol: ProtocolOptions = field(default_factory=ProtocolOptions)
+    min_confidence: float | None = None  # None: the label set's ignore.min_confidence
+    # -- how the run goes (AnnotateConfig's fields)
+    overwrite: bool = False
+    overlay: bool = False
+    save_scores: bool = False
+    batch_size: int = 1
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    workers: int | None = None
+    precision: str = "fp32"
+    compile: bool = False
+    decode: str = "auto"
+    part: str | None = None
+
+    def config(self, protocol: Protocol) -> AnnotateConfig:
+        """The ``AnnotateConfig`` of this run under ``protocol`` (the resolved one)."""
+        return AnnotateConfig(out=Path(self.out), overwrite=self.overwrite, overlay=self.overlay,
+                              save_scores=self.save_scores, min_confidence=self.min_confidence,
+                              batch_size=self.batch_size, max_pixels=self.max_pixels, protocol=protocol,
+                              workers=self.workers, precision=self.precision, compile=self.compile,
+                              decode=self.decode, part=self.part)
+
+
+_RECIPE_FIELDS = frozenset(f.name for f in dataclasses.fields(Recipe)) - {"labels", "out", "protocol", "model_options"}
+_PROTOCOL_FIELDS = frozenset(f.name for f in dataclasses.fields(ProtocolOptions)) - {"paper"}
+
+
+def make_recipe(labels: str | Path | LabelSet, out: str | Path = "labels", *, model: str = DEFAULT_MODEL,
+                protocol: str | ProtocolOptions | Protocol = "default", **options: Any) -> Recipe:
+    """A ``Recipe`` from flat keyword options, as ``label_folders`` and ``seglabel.ray`` take them:
+    the fields of ``Recipe``, the protocol's (``short_side``, ``max_long_side``, ``window``,
+    ``window_stride``, ``tta``, ``pamr``; ``protocol``: ``"default"``, ``"paper"``, a
+    ``ProtocolOptions``, or a ``Protocol`` used exactly), and any other option of the model's
+    builder (``proxy``, ``proxy_weights``, ``regions``); ``check`` refuses what the model kind
+    does not take. An option given as None is not given."""
+    asked = {k: options.pop(k) for k in list(options) if k in _PROTOCOL_FIELDS}
+    if isinstance(protocol, Protocol):
+        protocol = ProtocolOptions(**dataclasses.asdict(protocol))
+    elif isinstance(protocol, str):
+        if protocol not in PROTOCOL_NAMES:
+            raise UsageError(f"--protocol {protocol}: choose {_one_of(PROTOCOL_NAMES)}")
+        protocol = ProtocolOptions(paper=protocol == "paper")
+    elif not isinstance(protocol, ProtocolOptions):
+        raise UsageError(f"protocol={protocol!r}: give 'default', 'paper', a ProtocolOptions or a Protocol")
+    protocol = dataclasses.replace(protocol, **{k: v for k, v in asked.items() if v is not None})
+    own = {k: v for k in list(options) if k in _RECIPE_FIELDS and (v := options.pop(k)) is not None}
+    builder = {k: v for k, v in options.items() if v is not None}
+    return Recipe(labels=labels, out=out, model=model, protocol=protocol, model_options=builder, **own)
 
 
 @dataclass
 class Prepared:
     labelset: LabelSet
     segmenter: Segmenter
-    config: AnnotateConfig
+    config: AnnotateConfig  # with the protocol this run uses
 
 
 @dataclass
@@ -67,98 +124,87 @@ class Checked:
 class DryRun:
     todo: list[ImageItem]
     done: list[ImageItem]
-    problems: list[ImageError]  # images a run would report (header checks), besides the inputs' own
+    problems: list[ImageError]  # what a run would report: the inputs' own problems, then image headers
     kept: list[ImageItem] = field(default_factory=list)  # corrected by a person: a run keeps them
 
 
 def check(recipe: Recipe) -> Checked:
-    """Everything that can be refused without building the model (the flags first)."""
-    config = recipe.config
+    """Everything that can be refused without building the model (the flags first). The label
+    set's warnings are logged here."""
     _check_options(recipe)
-    check_output_folder(Path(config.out))
-    check_owned(Path(config.out))  # files under our names that seglabel did not write: refused
+    out = Path(recipe.out)
+    check_output_folder(out)
+    check_owned(out)  # files under our names that seglabel did not write: refused
     device = resolve_device(recipe.device)
+    decode_device(recipe.decode, device)  # --decode device where it cannot be done: refused now
     labelset = recipe.labels if isinstance(recipe.labels, LabelSet) else load_labelset(recipe.labels)
+    for warning in labelset.warnings:
+        log.warning(warning)
     kind, _ = parse_spec(recipe.model)
+    check_options(kind, _model_kwargs(recipe, device))
     if recipe.method is not None:
         if kind != "maskclip":
             raise UsageError(f"--method {recipe.method} applies to maskclip:NAME models")
         from .models.trainingfree import check_method
 
         check_method(recipe.method)
-    known = {"labelset": labelset.fingerprint(), **model_identity(recipe.model, recipe.pretrained),
-             "min_confidence": labelset.min_confidence if config.min_confidence is None else config.min_confidence}
-    if recipe.protocol_name == "default" and kind not in OWN_PROTOCOL_KINDS:  # else known with the model
-        known["protocol"] = dataclasses.asdict(config.protocol)
-    check_settings(Path(config.out), known, per_image=False)  # the rest once the model is known
+    # The protocol is known now unless the model brings its own or the method's paper decides it
+    protocol = None if recipe.protocol.paper or kind in OWN_PROTOCOL_KINDS else resolve_protocol(None, recipe.protocol)
+    known = run_settings(labelset, recipe.model, recipe.pretrained, protocol, recipe.min_confidence)
+    check_settings(out, known, per_image=False)  # the rest once the model is known
     return Checked(labelset, device)
 
 
 def prepare(recipe: Recipe, checked: Checked | None = None) -> Prepared:
-    """``check`` (unless done), then the model, then the protocol against the model; nothing is
-    written yet."""
+    """``check`` (unless done), then the model, then the protocol, decided once and checked
+    against the model; nothing is written yet."""
     checked = checked or check(recipe)
-    labelset, device = checked.labelset, checked.device
-    segmenter = load_segmenter(
-        recipe.model, labelset, pretrained=recipe.pretrained, cache_dir=recipe.cache_dir, device=device,
-        model_config=recipe.model_config, method=recipe.method or "auto", logit_scale=recipe.logit_scale,
-        key_smoothing=recipe.key_smoothing, prompt_denoising=recipe.prompt_denoising, **recipe.model_options)
-    config = recipe.config
-    if "short_side" in recipe.explicit:  # --short-side 512 given is 512, not the model's own scale
-        config = dataclasses.replace(config, own_protocol=False)
-    if recipe.protocol_name == "paper":  # the method is known once the tower is
-        config = dataclasses.replace(config, protocol=_paper_protocol(getattr(segmenter, "method", "maskclip"),
-                                                                      config.protocol, recipe.explicit))
-        check_protocol_options(config.protocol, config.max_pixels)
-    check_protocol(config.protocol, segmenter)
-    return Prepared(labelset, segmenter, config)
+    segmenter = load_segmenter(recipe.model, checked.labelset, **_model_kwargs(recipe, checked.device))
+    protocol = resolve_protocol(segmenter, recipe.protocol)
+    check_protocol_options(protocol, recipe.max_pixels)
+    check_protocol(protocol, segmenter)
+    return Prepared(checked.labelset, segmenter, recipe.config(protocol))
 
 
 def dry_run(recipe: Recipe, items: Sequence[ImageItem], checked: Checked | None = None) -> DryRun:
     """What a run would do, after every check a run makes before loading the model, and the
     header of each image still to label (loads no model, writes nothing)."""
     checked = checked or check(recipe)
-    planned = plan(items, recipe.config, checked.labelset)
+    planned = plan(items, recipe.config(Protocol()), checked.labelset)  # the plan does not depend on the protocol
     readable, problems = [], [ImageError(path, reason) for path, reason in planned.failures]
     for item in planned.todo:
         try:
-            read_size(item.path, recipe.config.max_pixels)
+            read_size(item.path, recipe.max_pixels)
             readable.append(item)
         except ImageError as e:
             problems.append(e)
     return DryRun(readable, planned.done, problems, planned.kept)
 
 
+def _model_kwargs(recipe: Recipe, device: torch.device) -> dict[str, Any]:
+    """``load_segmenter``'s options of this recipe (values that mean "not given" are dropped there)."""
+    return dict(pretrained=recipe.pretrained, cache_dir=recipe.cache_dir, device=device,
+                model_config=recipe.model_config, method=recipe.method or "auto", logit_scale=recipe.logit_scale,
+                key_smoothing=recipe.key_smoothing, prompt_denoising=recipe.prompt_denoising, **recipe.model_options)
+
+
 def _check_options(recipe: Recipe) -> None:
-    config = recipe.config
-    for flag, value, least in (("--batch-size", config.batch_size, 1), ("--max-pixels", config.max_pixels, 1),
-                               ("--workers", 0 if config.workers is None else config.workers, 0)):
+    for flag, value, least in (("--batch-size", recipe.batch_size, 1), ("--max-pixels", recipe.max_pixels, 1),
+                               ("--workers", 0 if recipe.workers is None else recipe.workers, 0)):
         if value < least:
             raise UsageError(f"{flag} {value}: must be at least {least}")
     if recipe.logit_scale is not None and not (math.isfinite(recipe.logit_scale) and recipe.logit_scale > 0):
         raise UsageError(f"--logit-scale {recipe.logit_scale}: must be a finite number above 0")
-    if config.min_confidence is not None and not (math.isfinite(config.min_confidence)
-                                                  and 0 <= config.min_confidence <= 1):
-        raise UsageError(f"--min-confidence {config.min_confidence}: must be a number from 0 to 1")
-    if config.precision not in PRECISIONS:
-        raise UsageError(f"--precision {config.precision}: choose {_one_of(PRECISIONS)}")
-    if config.decode not in DECODE_CHOICES:
-        raise UsageError(f"--decode {config.decode}: choose {_one_of(DECODE_CHOICES)}")
-    if recipe.protocol_name not in ("default", "paper"):
-        raise UsageError(f"--protocol {recipe.protocol_name}: choose default or paper")
-    check_protocol_options(config.protocol, config.max_pixels)
+    if recipe.min_confidence is not None and not (math.isfinite(recipe.min_confidence)
+                                                  and 0 <= recipe.min_confidence <= 1):
+        raise UsageError(f"--min-confidence {recipe.min_confidence}: must be a number from 0 to 1")
+    if recipe.precision not in PRECISIONS:
+        raise UsageError(f"--precision {recipe.precision}: choose {_one_of(PRECISIONS)}")
+    if recipe.decode not in DECODE_CHOICES:
+        raise UsageError(f"--decode {recipe.decode}: choose {_one_of(DECODE_CHOICES)}")
+    # What was given, over seglabel's defaults: the model may change the rest, not these values
+    check_protocol_options(Protocol(**recipe.protocol.given()), recipe.max_pixels)
 
 
 def _one_of(choices: Sequence[str]) -> str:
     return ", ".join(choices[:-1]) + " or " + choices[-1]
-
-
-def _paper_protocol(method: str, given: Protocol, explicit: frozenset[str]) -> Protocol:
-    """``--protocol paper``: the method's own short side, window and stride (models/trainingfree.py);
-    the fields given explicitly win (a window given without a stride: half the given window)."""
-    from .models.trainingfree import paper_protocol
-
-    fields = {f: getattr(given, f) for f in PROTOCOL_FIELDS if f in explicit}
-    if "window" in fields and "window_stride" not in fields:
-        fields["window_stride"] = given.window_stride
-    return dataclasses.replace(given, **{**paper_protocol(method), **fields})

@@ -181,11 +181,13 @@ def _other_size(size: tuple[int, int], labelled: tuple) -> str:
 def read_record(path: Path) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(record, dict):
-            raise ValueError("not a JSON object")
-        return record
     except (OSError, ValueError) as e:
-        raise OutputError(f"{path}: unreadable record ({e}); delete it and rerun to relabel that image") from None
+        record, why = None, str(e)
+    else:
+        why = "not a JSON object"
+    if not isinstance(record, dict):
+        raise OutputError(f"{path}: unreadable record ({why}); delete it and rerun to relabel that image")
+    return record
 
 
 def read_record_head(path: Path) -> dict[str, Any]:

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 def prompt_denoising(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """Remove from each image the classes that are nowhere confident.
 
-    ``logits`` (B, K, h, w) are already multiplied by the softmax temperature. A class whose highest probability over the image is below ``threshold`` gets a very
-    low logit everywhere. The best class of each image is never removed, so no pixel is left
-    without a class."""
+    ``logits`` (B, K, h, w) are already multiplied by the softmax temperature. A class whose
+    highest probability over the image is below ``threshold`` gets a very low logit everywhere.
+    The best class of each image is never removed, so no pixel is left without a class."""
     probs = logits.softmax(dim=1)
     peak = probs.flatten(2).amax(dim=2)  # (B, K)
     keep = peak >= threshold

@@ -19,12 +19,17 @@ import json
 import os
 import re
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, TypeVar
 
 from .checkpoints import content_id
 from .errors import UsageError
+from .labelset import LabelSet
 from .layout import RECORDS, RUN_FILE, RUNS, foreign_outputs
+
+if TYPE_CHECKING:
+    from .predict import Protocol
 
 LOCK_FILE = ".lock"
 _SHARD = re.compile(r"^shard-(\d+)-of-(\d+)$")
@@ -66,6 +71,22 @@ def _content(path: str) -> str:
         raise UsageError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
 
 
+def run_settings(labelset: LabelSet, model: str, pretrained: str | None, protocol: Protocol | None,
+                 min_confidence: float | None, method: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What decides a run's labels, the one schema of the settings (run records, ``settings_id``):
+    the label set, the model and weights (``model_identity``), the method (``describe()`` of the
+    segmenter), the protocol and the confidence threshold. Parts not known yet (``method``, or
+    ``protocol`` None: before the model is built) are left out; ``check_settings`` compares the
+    keys given."""
+    settings: dict[str, Any] = {"labelset": labelset.fingerprint(), **model_identity(model, pretrained)}
+    if method is not None:
+        settings["method"] = method
+    if protocol is not None:
+        settings["protocol"] = asdict(protocol)
+    settings["min_confidence"] = labelset.min_confidence if min_confidence is None else min_confidence
+    return settings
+
+
 def settings_id(settings: Mapping[str, Any]) -> str:
     """A short fingerprint of the settings; every per-image record carries it."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
@@ -88,7 +109,7 @@ def check_settings(out: Path, settings: Mapping[str, Any], per_image: bool = Tru
     if not per_image:
         return
     expected = settings_id(settings)
-    for folder, dirs, files in os.walk(out / RECORDS):
+    for folder, _, files in os.walk(out / RECORDS):
         for name in files:
             if name.endswith(".json") and not name.startswith("."):
                 found = _record_settings_id(os.path.join(folder, name))

@@ -4,13 +4,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .atomic import OutputError, atomic_path
 from .checkpoints import cache_dir, content_id
 from .labelset import LabelSet, name_key
 
@@ -170,18 +170,12 @@ def cached_text_embeddings(identity: dict[str, Any] | None, prompts: Sequence[st
 
     try:
         return load_file(str(path))["embeddings"]
-    except Exception:  # missing, or a damaged file: recompute and replace it
+    except Exception:  # noqa: BLE001 - missing, or a damaged file: recompute and replace it
         pass
     emb = compute()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        save_file({"embeddings": emb.detach().float().cpu().contiguous()}, tmp, metadata={"key": key})
-        os.replace(tmp, path)
-    except OSError:
+        with atomic_path(path) as tmp:
+            save_file({"embeddings": emb.detach().float().cpu().contiguous()}, str(tmp), metadata={"key": key})
+    except OutputError:
         pass  # an unwritable cache only costs time
-    finally:
-        if "tmp" in locals() and os.path.exists(tmp):
-            os.unlink(tmp)
     return emb

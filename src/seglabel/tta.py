@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .errors import UsageError
 from .models.base import Segmenter
 
 SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -54,9 +55,9 @@ def scale_logits(segmenter: Segmenter, image: torch.Tensor, scale: float = 1.0, 
     """Raw logits (K, h, w) of one scale at that scale's size: the long side ceil(base_size * scale).
     With the defaults this is the official single-scale evaluation before its final upsampling."""
     if crop % segmenter.pad_to:
-        raise ValueError(f"crop {crop} must be a multiple of {segmenter.pad_to} for this model")
+        raise UsageError(f"crop {crop} must be a multiple of {segmenter.pad_to} for this model")
     if stride <= 0:
-        raise ValueError("stride must be positive")
+        raise UsageError("stride must be positive")
     _, h, w = image.shape
     black = (-torch.tensor(segmenter.mean) / torch.tensor(segmenter.std)).to(image).view(1, 3, 1, 1)
     long_side = int(math.ceil(base_size * scale))

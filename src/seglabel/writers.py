@@ -1,8 +1,6 @@
-"""Everything annotate writes, each file atomically (temporary file in the same folder, then rename).
-
-Temporary files are named ``.<name>.seglabel-XXXXXXXX.tmp``; only such files, and only where
-annotate writes, are ever removed as left over from a killed run. Files are created with mode
-0666 less the umask, like any other tool's.
+"""Everything annotate writes, each file atomically (``atomic.py``: a temporary file in the same
+folder, then a rename); only our temporaries, and only where annotate writes, are ever removed as
+left over from a killed run (``remove_stale_temporaries``).
 
 Per image: ``masks/<key>.png`` (grayscale PNG of class indices), optional ``scores/<key>.png`` and
 ``overlays/<key>.jpg``, and last ``records/<key>.json`` (records.py: the mask and its record, and
@@ -11,67 +9,27 @@ coco.json from the records). ``read_mask`` reads a mask back (preview, export, r
 from __future__ import annotations
 
 import io
-import json
 import os
-import re
-import secrets
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
 
-from .errors import SeglabelError, UsageError
+# The atomic writes live on the ground floor (atomic.py); annotate's modules take them from here too.
+from .atomic import (OutputError, atomic_path, remove_quietly, temporary_target, to_json,  # noqa: F401
+                     write_bytes, write_json)
+from .errors import UsageError
 from .labelset import LabelSet
 from .layout import COCO_FILE, MASKS, OVERLAYS, PER_IMAGE, RECORDS, RUN_FILE, RUNS, SCORES  # noqa: F401 - also writers'
 
 IGNORE_COLOR = (224, 224, 192)  # the PASCAL VOC colour of its 255 "void" pixels
 
 
-class OutputError(SeglabelError, OSError):
-    """A file that could not be written; one line naming the path."""
-
-
 class OutputFolderError(UsageError):
     """An output folder that cannot be read back (reviewed, exported); one line naming the file."""
-
-
-_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.seglabel-[0-9a-f]{8}\.tmp$")
-
-
-def _create_temporary(path: Path) -> str:
-    """An empty new file ``.<name>.seglabel-XXXXXXXX.tmp`` beside ``path``, mode 0666 less the umask
-    (``mkstemp`` would make it 0600, and the rename would keep that)."""
-    while True:
-        tmp = path.parent / f".{path.name}.seglabel-{secrets.token_hex(4)}.tmp"
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return str(tmp)
-        except FileExistsError:
-            continue
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _create_temporary(path)
-    except OSError as e:
-        raise OutputError(f"{path}: cannot write ({e.strerror or e})") from None
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        _remove(tmp)
-        raise OutputError(f"{path}: cannot write ({e.strerror or e})") from None
-    except BaseException:
-        _remove(tmp)
-        raise
 
 
 def check_output_folder(out: str | Path) -> None:
@@ -87,38 +45,6 @@ def check_output_folder(out: str | Path) -> None:
         raise UsageError(f"--out {out}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"--out {out}: no permission to write in {existing}")
-
-
-def write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def to_json(obj: Any, indent: int | None = None) -> str:
-    """Strict JSON: NaN and infinities are refused (``ValueError``), not written as invalid JSON."""
-    return json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False)
-
-
-def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
-    # backslashreplace: a file name that is not UTF-8 (surrogate-escaped) stays readable JSON
-    write_bytes(path, (to_json(obj, indent=indent) + "\n").encode("utf-8", "backslashreplace"))
-
-
-def _remove(path: str | Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def temporary_target(name: str) -> str | None:
-    """The file a temporary of ours stands in for (``.a.png.seglabel-0f3a9c1e.tmp`` -> ``a.png``);
-    None for any other name, which is never ours to remove."""
-    m = _TEMPORARY.match(name)
-    return m["target"] if m else None
 
 
 def remove_stale_temporaries(out: str | Path, owned: Callable[[Path], bool] | None = None) -> int:
@@ -138,7 +64,7 @@ def remove_stale_temporaries(out: str | Path, owned: Callable[[Path], bool] | No
                 if target is None or (folder == str(out) and target not in (COCO_FILE, RUN_FILE)):
                     continue
                 if owned is None or owned(Path(folder) / target):
-                    _remove(os.path.join(folder, name))
+                    remove_quietly(os.path.join(folder, name))
                     n += 1
     return n
 
@@ -156,18 +82,39 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """Class indices (H, W) of a mask: uint8 with 255 = ignore, or uint16 with 65535 = ignore.
+class MaskError(OutputFolderError):
+    """A mask that cannot be read as class indices; ``reason`` is what is wrong with it."""
 
-    Palette and grayscale PNGs both give indices through PIL (unlike OpenCV)."""
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"{path}: mask {reason}")
+        self.path, self.reason = str(path), reason
+
+
+MASK_MODES = ("P", "L", "I;16", "I;16L", "I;16B", "I")  # PIL modes of single-channel class indices
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Class indices (H, W) of a mask PNG: uint8 (255 = ignore) or uint16 (65535 = ignore); the one
+    reader of masks (records, preview, exports, eval, distill).
+
+    Palette and grayscale PNGs both give indices through PIL (unlike OpenCV); a colour, float or
+    1-bit image is refused (``MaskError``), as is a 32-bit one with values outside 0..65535."""
+    mode = mask = None
     try:
         with Image.open(path) as img:
-            mask = np.asarray(img)
-    except (OSError, ValueError) as e:
-        raise OutputFolderError(f"{path}: unreadable mask ({e})") from None
-    if mask.ndim != 2:
-        raise OutputFolderError(f"{path}: not a single-channel mask (shape {mask.shape})")
-    return mask.astype(np.uint16) if mask.dtype not in (np.uint8, np.uint16) else mask
+            mode = img.mode
+            if mode in MASK_MODES:
+                mask = np.asarray(img)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # not a PNG, truncated
+        raise MaskError(path, f"cannot be read ({e})") from None
+    if mask is None:
+        raise MaskError(path, f"is a {mode} image; expected single-channel class ids (palette, 8-bit or 16-bit "
+                              "grayscale)")
+    if mask.dtype == np.uint8 or mask.dtype == np.uint16:
+        return mask
+    if mask.size and (mask.min() < 0 or mask.max() > 65535):
+        raise MaskError(path, "has values outside 0..65535")
+    return mask.astype(np.uint16)  # also makes big-endian I;16B native
 
 
 def encode_scores_png(confidence: np.ndarray) -> bytes:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import SeglabelError
+
 WORD_SIZE = 8
 RUN_FIELD_SIZES = (3, 4, 8, 16)  # bits for (run length - 1); the sizes Label Studio itself uses
 
@@ -30,9 +32,9 @@ def encode(values: np.ndarray, word_size: int = WORD_SIZE, field_sizes: tuple[in
     """rle-pack a flat array of unsigned values below ``2 ** word_size``; returns the bytes."""
     values = np.asarray(values).reshape(-1)
     if values.size >= 2 ** 32:
-        raise ValueError(f"{values.size} values: the format counts them in 32 bits")
+        raise SeglabelError(f"{values.size} values: the format counts them in 32 bits")
     if values.size and int(values.max()) >= 2 ** word_size:
-        raise ValueError(f"value {int(values.max())} does not fit in {word_size} bits")
+        raise SeglabelError(f"value {int(values.max())} does not fit in {word_size} bits")
     bits = [f"{values.size:032b}", f"{word_size - 1:05b}"] + [f"{s - 1:04b}" for s in field_sizes]
     longest = 2 ** max(field_sizes)
     change = np.flatnonzero(values[1:] != values[:-1]) + 1

@@ -24,11 +24,10 @@ from typing import Callable
 import numpy as np
 
 from ..labelset import labelmap_problem
-from ..writers import atomic_path, encode_mask_png, write_json
+from ..writers import IGNORE_COLOR, atomic_path, encode_mask_png, write_json
 from .run_output import OutputFolderError, RunOutput
 
 MASK_ZIP, COCO_ZIP, LABELS_JSON = "segmentation_mask_1.1.zip", "coco_1.0.zip", "cvat_labels.json"
-IGNORE_COLOR = (224, 224, 192)  # PASCAL VOC's "void"
 
 
 def labelmap(run: RunOutput) -> tuple[list[tuple[str, tuple[int, int, int]]], str]:

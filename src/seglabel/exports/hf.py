@@ -38,7 +38,7 @@ CARD = "README.md"
 
 def require_pyarrow() -> None:
     try:
-        import pyarrow  # noqa: F401
+        import pyarrow
         import pyarrow.parquet  # noqa: F401
     except ImportError:
         raise UsageError("--format hf needs pyarrow: pip install 'seglabel[hf]'") from None

@@ -109,11 +109,11 @@ def read_output(out: str | Path, image_roots: Sequence[str | Path] = ()) -> RunO
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(record, dict):
-            return record
-        raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
         raise OutputFolderError(f"{path}: unreadable record ({type(e).__name__}: {e})") from None
+    if not isinstance(record, dict):
+        raise OutputFolderError(f"{path}: unreadable record (not a JSON object)")
+    return record
 
 
 def _entry(key: str, path: Path, rec: dict[str, Any]) -> ImageEntry:

@@ -65,7 +65,7 @@ def create_clip(name: str, pretrained: str | None = "openai", cache_dir: str | N
         quick_gelu = bool(cfg.get("quick_gelu")) and not open_clip.get_model_config(name).get("quick_gelu")
         weights_file = _cached_or_download(name, pretrained, cfg, cache_dir)
         info["preprocess"] = {k: cfg[k] for k in ("mean", "std") if k in cfg}
-    with _quiet_root_logger():  # open_clip warns "initialized randomly": the weights come next
+    with _without_random_init_warning():  # open_clip warns "initialized randomly": the weights come next
         model = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu, device="cpu")
     if weights_file:
         try:
@@ -125,7 +125,7 @@ def _cached_or_download(name: str, tag: str, cfg: dict[str, Any], cache_dir: str
         raise WeightsUnavailable(f"weights '{tag}' for {name} are not cached and the model hub cannot be reached: {how}")
     try:
         return download_pretrained(cfg, cache_dir=cache_dir)
-    except Exception as e:  # hub errors come in many types
+    except Exception as e:  # noqa: BLE001 - hub errors come in many types
         raise WeightsUnavailable(f"could not download weights '{tag}' for {name} ({_first_line(e)}): {how}") from None
 
 
@@ -175,14 +175,18 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
 
 
 @contextmanager
-def _quiet_root_logger():
+def _without_random_init_warning():
+    """open_clip's "Model initialized randomly" (logged on the root logger) left out; everything
+    else it logs still goes where the application's logging sends it."""
+    def keep(record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
     root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    root.addFilter(keep)
     try:
         yield
     finally:
-        root.setLevel(level)
+        root.removeFilter(keep)
 
 
 def _first_line(e: BaseException) -> str:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
 from .proxyclip import ProxyCLIP, clip_tokens, pad_centred, values_on_grid
 from .regions import RegionSource
 from .vfm import VFM
@@ -109,7 +110,7 @@ class CorrCLIP(ProxyCLIP):
                  logit_scale: float | None = None, vote: bool = True, **kwargs: Any) -> None:
         super().__init__(clip_model, vfm, tokenizer=tokenizer, logit_scale=logit_scale, **kwargs)
         if vfm.kind == "sam":
-            raise ValueError("--method corrclip reads q + k of a plain ViT: use --proxy dino:..., dinov2:..., "
+            raise UsageError("--method corrclip reads q + k of a plain ViT: use --proxy dino:..., dinov2:..., "
                              "mae:vitb or clip")
         self.regions, self.vote = regions, vote
         layers = len(clip_model.visual.transformer.resblocks)
@@ -145,7 +146,7 @@ class CorrCLIP(ProxyCLIP):
             return torch.stack([self.finish_image(lg, ids) for lg, ids in zip(logits, whole)])
         ids = torch.stack([context[t:b, l:r] for t, l, b, r in boxes])
         if ids.shape[-2:] != images.shape[-2:]:
-            raise ValueError("CorrCLIP windows must be whole crops of the image (no padding)")
+            raise UsageError("CorrCLIP windows must be whole crops of the image (no padding)")
         return self.region_logits(images, ids)
 
     def dense_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

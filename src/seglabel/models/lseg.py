@@ -10,8 +10,8 @@ the size of the used weights rather than twice the file.
 from __future__ import annotations
 
 import argparse
+import logging
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoints import CheckpointError, load_weights, pickle_globals
+from ..errors import UsageError
 from ..labelset import LabelSet
 from ..text import cached_text_embeddings, class_max, encode_prompts, indistinct_warnings
 from .base import Segmenter
 from .lseg_net import LOGIT_SCALE, LSegConfig, LSegNet, build_lseg_net
+
+log = logging.getLogger("seglabel")
 
 # Keys of the stored CLIP that LSeg does not use: the image tower and CLIP's own temperature.
 _UNUSED = ("clip_pretrained.visual.", "clip_pretrained.logit_scale")
@@ -173,7 +176,8 @@ class LSeg(Segmenter):
         from open_clip.tokenizer import SimpleTokenizer
 
         tokenizer = SimpleTokenizer(context_length=self.net.cfg.text["context_length"])
-        self.label_warnings = tuple(indistinct_warnings(labelset, tokenizer, (), "LSeg's text encoder"))
+        for warning in indistinct_warnings(labelset, tokenizer, (), "LSeg's text encoder"):
+            log.warning(warning)  # classes LSeg's tokenizer cannot tell apart
         self.text_embeddings = cached_text_embeddings(
             self.text_identity(), labelset.prompts, (),
             lambda: encode_prompts(self.net.encode_text, tokenizer, labelset.prompts, (), self.device),
@@ -188,7 +192,7 @@ class LSeg(Segmenter):
         device = images.device.type
         if torch.is_autocast_enabled(device) and not torch.isfinite(feats).all():
             # half precision overflowed on this input: this one needs fp32
-            warnings.warn("LSeg: half precision overflowed on this input; recomputed in fp32")
+            log.warning("LSeg: half precision overflowed on this input; recomputed in fp32")
             with torch.autocast(device, enabled=False):
                 feats = self.net(images.float())
         return F.normalize(feats.float(), dim=1)
@@ -198,7 +202,7 @@ class LSeg(Segmenter):
         if self.text_embeddings is None:
             raise RuntimeError("call set_labels(labelset) before labelling images")
         if images.shape[2] % 32 or images.shape[3] % 32:
-            raise ValueError(f"LSeg needs image sides that are multiples of 32, got {tuple(images.shape[2:])}")
+            raise UsageError(f"LSeg needs image sides that are multiples of 32, got {tuple(images.shape[2:])}")
         feats = self.pixel_embeddings(images)
         with torch.autocast(images.device.type, enabled=False):  # scores in fp32 whatever the network ran in
             cos = torch.einsum("bdhw,kd->bkhw", feats, self.text_embeddings.to(feats))

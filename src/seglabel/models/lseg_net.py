@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
+
 # LSeg compares pixels and texts with a fixed temperature; the stored CLIP logit_scale is unused.
 LOGIT_SCALE = 1.0 / 0.07
 VIT_MEAN = VIT_STD = (0.5, 0.5, 0.5)
@@ -236,7 +238,7 @@ def build_lseg_net(variant: str = "vit", device: str | torch.device = "meta", **
     ``variant`` is "vit" (ViT-L/16) or "resnet" (ResNet-101); ``overrides`` replace fields of
     ``LSegConfig`` (e.g. vit_dim=64, vit_depth=4, text=dict(width=64, ...)) for small test models."""
     if variant not in ("vit", "resnet"):
-        raise ValueError(f"LSeg variant must be 'vit' or 'resnet', not '{variant}'")
+        raise UsageError(f"LSeg variant must be 'vit' or 'resnet', not '{variant}'")
     cfg = replace(LSegConfig(backbone=variant), **overrides)
     if "text" in overrides:
         cfg = replace(cfg, text={**LSegConfig().text, **overrides["text"]})

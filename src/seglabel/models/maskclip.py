@@ -14,6 +14,7 @@ cosine (``patch_logits``); ``forward`` scales the cosines by the method's logit 
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Callable
 
@@ -28,10 +29,7 @@ from ..text import cached_text_embeddings, class_max, encode_prompts, indistinct
 from . import trainingfree as tf
 from .base import Segmenter
 
-# Softmax temperature of CLIP (exp of its logit scale), used by the official refinements
-# and here for per-pixel confidence; argmax does not depend on it.
-CLIP_LOGIT_SCALE = 100.0
-
+log = logging.getLogger("seglabel")
 
 class MaskCLIP(Segmenter):
     def __init__(
@@ -67,7 +65,7 @@ class MaskCLIP(Segmenter):
             raise UsageError(f"MaskCLIP supports open_clip ViT and ModifiedResNet image towers, not {type(visual).__name__}")
         self.method = tf.check_method(method)
         if method in tf.VFM_METHODS and not hasattr(self, "vfm_method"):
-            raise ValueError(f"method {method} needs a second vision model: build it with "
+            raise UsageError(f"method {method} needs a second vision model: build it with "
                              f"load_segmenter(..., method='{method}', proxy=...)")
         if self.tower != "vit" and method != "maskclip":
             raise UsageError(f"method {method} needs a ViT image tower; ResNet towers support maskclip only")
@@ -91,12 +89,13 @@ class MaskCLIP(Segmenter):
     @torch.no_grad()
     def set_labels(self, labelset: LabelSet) -> None:
         if self.tokenizer is None:
-            raise ValueError("MaskCLIP.set_labels needs the model's tokenizer (MaskCLIP(clip, tokenizer=...))")
+            raise UsageError("MaskCLIP.set_labels needs the model's tokenizer (MaskCLIP(clip, tokenizer=...))")
         device = next(self.clip.parameters()).device
         from .clip import text_encoder
 
         templates = labelset_templates(labelset)
-        self.label_warnings = tuple(indistinct_warnings(labelset, self.tokenizer, templates, "this model's text encoder"))
+        for warning in indistinct_warnings(labelset, self.tokenizer, templates, "this model's text encoder"):
+            log.warning(warning)  # classes this model's tokenizer cannot tell apart
         self.text_embeddings = cached_text_embeddings(
             self.text_identity(), labelset.prompts, templates,
             lambda: encode_prompts(text_encoder(self.clip), self.tokenizer, labelset.prompts, templates, device),

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..checkpoints import CheckpointError, load_weights, state_dict_of
+from ..errors import UsageError
 from .weights import WeightSource, file_identity, resolve_weights
 
 SLIC_SEGMENTS = 64
@@ -87,13 +88,13 @@ def build_regions(spec: str, device: str | torch.device = "cpu", cache_dir: str 
     kind, _, what = spec.partition(":")
     if kind == "slic":
         if what and not (what.isdigit() and int(what) > 0):
-            raise ValueError(f"--regions {spec}: give slic or slic:N with N segments")
+            raise UsageError(f"--regions {spec}: give slic or slic:N with N segments")
         return SLIC(int(what) if what else SLIC_SEGMENTS)
     if kind == "sam" and what:
         return _sam(what, device, cache_dir)
     if kind in ("sam2", "sam2.1") and what:
         return _sam2(kind, what, device, cache_dir)
-    raise ValueError(f"--regions {spec}: give sam2:FILE, sam:FILE or slic (see --help)")
+    raise UsageError(f"--regions {spec}: give sam2:FILE, sam:FILE or slic (see --help)")
 
 
 def _sam(what: str, device, cache_dir) -> MaskGenerator:

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..errors import UsageError
 from ..labelset import LabelSet
 from .base import Segmenter
 
@@ -39,19 +40,19 @@ def build_maskclip(name: str, pretrained: str | None = "openai", cache_dir: str 
         check_method(method)  # before minutes of weight loading
     if method not in VFM_METHODS and (proxy or proxy_weights or regions):
         given = "--proxy" if proxy else "--proxy-weights" if proxy_weights else "--regions"
-        raise ValueError(f"{given} applies to --method proxyclip or corrclip")
+        raise UsageError(f"{given} applies to --method proxyclip or corrclip")
     if method == "proxyclip" and regions:
-        raise ValueError("--regions applies to --method corrclip")
+        raise UsageError("--regions applies to --method corrclip")
     if method in VFM_METHODS and (key_smoothing or prompt_denoising):
-        raise ValueError(f"--{'key-smoothing' if key_smoothing else 'prompt-denoising'} applies to the CLIP-only "
+        raise UsageError(f"--{'key-smoothing' if key_smoothing else 'prompt-denoising'} applies to the CLIP-only "
                          f"methods, not {method}")
     if method == "corrclip" and not regions:
-        raise ValueError("--method corrclip needs --regions (sam2:FILE, sam:FILE or slic)")
+        raise UsageError("--method corrclip needs --regions (sam2:FILE, sam:FILE or slic)")
     if method in VFM_METHODS:
         from .vfm import check_proxy
 
         if check_proxy(proxy or "dino:vitb8").startswith("sam:") and method == "corrclip":
-            raise ValueError("--method corrclip reads q + k of a plain ViT: use --proxy dino:..., dinov2:..., "
+            raise UsageError("--method corrclip reads q + k of a plain ViT: use --proxy dino:..., dinov2:..., "
                              "mae:vitb or clip")
     if model_config:
         register_model_config(model_config)
@@ -78,7 +79,7 @@ def _build_with_vfm(method: str, clip_model, tokenizer, logit_scale: float | Non
     from .vfm import build_vfm
 
     if hasattr(clip_model.visual, "attnpool"):
-        raise ValueError(f"method {method} needs a ViT image tower; ResNet towers support maskclip only")
+        raise UsageError(f"method {method} needs a ViT image tower; ResNet towers support maskclip only")
     region_source = None
     if regions:  # checked before the second model's weights are read
         from .regions import build_regions
@@ -124,9 +125,9 @@ SEGMENTERS: dict[str, Callable[..., Segmenter]] = {
 def parse_spec(spec: str) -> tuple[str, str]:
     kind, sep, what = spec.partition(":")
     if not sep or not what:
-        raise ValueError(f"model spec '{spec}' must look like KIND:NAME (e.g. {DEFAULT_MODEL})")
+        raise UsageError(f"model spec '{spec}' must look like KIND:NAME (e.g. {DEFAULT_MODEL})")
     if kind not in SEGMENTERS:
-        raise ValueError(f"unknown model kind '{kind}' in '{spec}' (known: {', '.join(SEGMENTERS)})")
+        raise UsageError(f"unknown model kind '{kind}' in '{spec}' (known: {', '.join(SEGMENTERS)})")
     return kind, what
 
 
@@ -142,7 +143,7 @@ def model_options(kind: str) -> list[str]:
 
 
 def check_options(kind: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The options ``kind`` takes; a value given for any other option is a ValueError (one line)."""
+    """The options ``kind`` takes; a value given for any other option is a ``UsageError`` (one line)."""
     taken = model_options(kind)
     out = {}
     for name, value in options.items():
@@ -152,15 +153,29 @@ def check_options(kind: str, options: dict[str, Any]) -> dict[str, Any]:
             flag = "--" + name.replace("_", "-")
             others = [k for k in SEGMENTERS if name in model_options(k)]
             if not others:
-                raise ValueError(f"unknown model option '{name}' ({kind} models take: {', '.join(taken)})")
-            raise ValueError(f"{flag} is not an option of {kind} models (it applies to "
+                raise UsageError(f"unknown model option '{name}' ({kind} models take: {', '.join(taken)})")
+            raise UsageError(f"{flag} is not an option of {kind} models (it applies to "
                              f"{' and '.join(others)} models); leave it out")
     return out
 
 
 def load_segmenter(spec: str = DEFAULT_MODEL, labelset: LabelSet | None = None, **options: Any) -> Segmenter:
-    """Build the segmenter named by ``spec`` and, given a label set, encode its classes. Options the
-    kind does not take are refused before anything is loaded (see ``check_options``)."""
+    """Build the segmenter named by ``spec`` and, given a label set, encode its classes (classes
+    its tokenizer cannot tell apart are logged as warnings).
+
+    ``options`` are the keyword parameters of the kind's builder (``SEGMENTERS``, ``model_options``):
+
+    - ``maskclip:NAME`` (``build_maskclip``): ``pretrained`` (an open_clip tag, default
+      ``"openai"``, or a weights file), ``cache_dir``, ``device``, ``model_config`` (an open_clip
+      config JSON to register), ``method`` (``"auto"``, maskclip, clearclip, sclip, naclip,
+      scclip, proxyclip, corrclip), ``logit_scale``, ``key_smoothing``, ``prompt_denoising``,
+      ``proxy``, ``proxy_weights``, ``regions``;
+    - ``lseg:FILE`` (``build_lseg``): ``device``;
+    - ``student:FILE`` (``build_student``): ``device``, ``cache_dir``, ``pretrained`` (where its
+      CLIP text encoder is found for a label set other than the trained one).
+
+    An option the kind does not take is refused (``UsageError``, one line) before anything is
+    loaded, unless its value means "not given" (``NOT_GIVEN``, see ``check_options``)."""
     kind, what = parse_spec(spec)
     options = check_options(kind, options)
     model = SEGMENTERS[kind](what, **options)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints import CheckpointError, load_weights, state_dict_of
+from ..errors import UsageError
 from .weights import WeightSource, file_identity, resolve_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -43,7 +44,7 @@ def _timm_source(timm_name: str, hub_file: str, url: str) -> WeightSource:
                         download=f"python -c \"import timm; timm.create_model('{timm_name}', pretrained=True)\"")
 
 
-def _sam_source(key: str, hub_file: str) -> WeightSource:
+def _sam_source(hub_file: str) -> WeightSource:
     return WeightSource(hub_file=hub_file, url=_fb(f"segment_anything/{hub_file}"),
                         download=f"python -c \"import torch; torch.hub.load_state_dict_from_url('"
                                  f"{_fb('segment_anything/' + hub_file)}')\"")
@@ -70,16 +71,16 @@ PROXIES: dict[str, ProxyArch] = dict([
           "dinov2_vitl14_reg4_pretrain.pth", _fb("dinov2/dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth")),
     _arch("mae", "vitb", "MAE ViT-B/16", "vit_base_patch16_224.mae", "mae_pretrain_vit_base.pth",
           _fb("mae/pretrain/mae_pretrain_vit_base.pth")),
-    ("sam:vitb", ProxyArch("sam", "SAM ViT-B", "vit_b", _sam_source("vit_b", "sam_vit_b_01ec64.pth"))),
-    ("sam:vitl", ProxyArch("sam", "SAM ViT-L", "vit_l", _sam_source("vit_l", "sam_vit_l_0b3195.pth"))),
-    ("sam:vith", ProxyArch("sam", "SAM ViT-H", "vit_h", _sam_source("vit_h", "sam_vit_h_4b8939.pth"))),
+    ("sam:vitb", ProxyArch("sam", "SAM ViT-B", "vit_b", _sam_source("sam_vit_b_01ec64.pth"))),
+    ("sam:vitl", ProxyArch("sam", "SAM ViT-L", "vit_l", _sam_source("sam_vit_l_0b3195.pth"))),
+    ("sam:vith", ProxyArch("sam", "SAM ViT-H", "vit_h", _sam_source("sam_vit_h_4b8939.pth"))),
 ])
 KINDS = ("dino", "dinov2", "mae", "sam", "clip")
 
 
 def check_proxy(spec: str) -> str:
     if spec != "clip" and spec not in PROXIES:
-        raise ValueError(f"unknown --proxy '{spec}' (known: {', '.join([*PROXIES, 'clip'])})")
+        raise UsageError(f"unknown --proxy '{spec}' (known: {', '.join([*PROXIES, 'clip'])})")
     return spec
 
 
@@ -90,7 +91,7 @@ def build_vfm(spec: str, weights: str | None = None, clip_visual: nn.Module | No
     check_proxy(spec)
     if spec == "clip":
         if weights:
-            raise ValueError("--proxy clip uses the CLIP model's own image tower: give no --proxy-weights")
+            raise UsageError("--proxy clip uses the CLIP model's own image tower: give no --proxy-weights")
         return VFM("clip", clip_visual, spec).to(device).eval()
     arch = PROXIES[spec]
     path = resolve_weights(arch.name, arch.source, weights, "--proxy-weights", cache_dir)
@@ -147,16 +148,13 @@ class VFM(nn.Module):
                  input_side: int | None = None) -> None:
         super().__init__()
         if kind not in KINDS:
-            raise ValueError(f"unknown VFM kind {kind}")
+            raise UsageError(f"unknown VFM kind {kind}")
         self.kind, self.model, self.spec, self.weights_file = kind, model, spec or kind, weights_file
         if kind == "sam":
-            self.patch = model.patch_embed.proj.kernel_size[0]
             self.input_side = input_side or model.img_size
         elif kind == "clip":
-            self.patch = model.patch_size[0]
             self.input_side = None
         else:
-            self.patch = model.patch_embed.proj.kernel_size[0]
             self.input_side = input_side or (MAE_INPUT_SIDE if kind == "mae" else None)
         # The CLIP tower reads CLIP-normalised images; every other model ImageNet-normalised ones.
         self.mean = None if kind == "clip" else IMAGENET_MEAN
@@ -193,7 +191,7 @@ class VFM(nn.Module):
     def qk(self, x: torch.Tensor) -> torch.Tensor:
         """``q + k`` of the last attention block on the patch tokens, (B, C, I, J)."""
         if self.kind == "sam":
-            raise ValueError("CorrCLIP reads q + k of a plain ViT: use --proxy dino:..., dinov2:..., mae:vitb or clip")
+            raise UsageError("CorrCLIP reads q + k of a plain ViT: use --proxy dino:..., dinov2:..., mae:vitb or clip")
         tokens, grid = self._last_block_input(x)
         if self.kind == "clip":
             last = self.model.transformer.resblocks[-1]

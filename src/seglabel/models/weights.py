@@ -47,7 +47,7 @@ def resolve_weights(name: str, source: WeightSource, file: str | None, flag: str
             from huggingface_hub import hf_hub_download
 
             return hf_hub_download(source.hf_repo, source.hf_file, cache_dir=cache_dir)
-        except Exception as e:  # hub errors come in many types
+        except Exception as e:  # noqa: BLE001 - hub errors come in many types
             raise WeightsUnavailable(f"could not download {name} weights ({_first_line(e)}): {how}") from None
     if not offline and source.url and _host_reachable(source.url):
         import torch
@@ -57,7 +57,7 @@ def resolve_weights(name: str, source: WeightSource, file: str | None, flag: str
             target.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(source.url, str(target), progress=False)
             return str(target)
-        except Exception as e:  # network errors come in many types
+        except Exception as e:  # noqa: BLE001 - network errors come in many types
             raise WeightsUnavailable(f"could not download {name} weights ({_first_line(e)}): {how}") from None
     raise WeightsUnavailable(f"{name} weights are not cached and cannot be downloaded here: {how}")
 

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import threading
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -25,7 +25,7 @@ from ..exports.labelstudio import brush_results
 from ..images import ImageError, load_image
 from ..labelset import LabelSet
 from ..models.base import Segmenter
-from ..predict import Predictor, prepare_image, resolve_protocol, to_mask
+from ..predict import Predictor, prepare_image, to_mask
 from ..runs import settings_id
 from .sources import ImageRefused, ImageSource
 
@@ -88,10 +88,8 @@ class Backend:
     """Predictions for Label Studio tasks from one loaded segmenter."""
 
     def __init__(self, segmenter: Segmenter, labelset: LabelSet, config: AnnotateConfig, source: ImageSource) -> None:
-        if config.own_protocol:  # LSeg, a student: their own protocol, as annotate resolves it
-            config = replace(config, protocol=resolve_protocol(config.protocol, segmenter))
         self.segmenter, self.labelset, self.config, self.source = segmenter, labelset, config, source
-        self.predictor = Predictor(segmenter, config.protocol, 1, own_protocol=False)
+        self.predictor = Predictor(segmenter, config.protocol, 1)  # the protocol recipe.prepare decided
         self.model_version = "seglabel-" + settings_id(settings_of(labelset, segmenter, config))
         self._lock = threading.Lock()  # one forward pass at a time
         self._projects: dict[str, ProjectLabels] = {}

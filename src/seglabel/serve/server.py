@@ -48,7 +48,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "seglabel-serve"
     protocol_version = "HTTP/1.1"
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:  # http.server's naming
         if not self._authorised():
             return
         backend = self.server.backend
@@ -59,7 +59,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, {"error": f"no such endpoint: GET {self.path}"})
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         path = self.path.split("?")[0].rstrip("/")
         if path == "/webhook":
             if self._read_body() is not None:  # events are not used; read so the connection stays usable

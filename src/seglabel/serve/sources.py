@@ -34,7 +34,7 @@ class ImageRefused(SeglabelError):
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102 - urllib's hook
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # urllib's hook
         raise ImageRefused(f"{req.full_url}: Label Studio redirected to {newurl}; redirects are not followed")
 
 
