@@ -6,8 +6,8 @@ import torch
 
 from seglabel.checkpoints import CheckpointError
 from seglabel.labelset import LabelSet
-from seglabel.models.deeplab import (DeepLabV2Student, StudentArch, detect_layout, load_backbone,
-                                     student_checkpoint, student_from_checkpoint)
+from seglabel.distill.backbone import detect_layout, load_backbone
+from seglabel.models.deeplab import DeepLabV2Student, StudentArch, student_checkpoint, student_from_checkpoint
 
 SMALL = dict(depth=18, block="basic", layers=(1, 1, 1, 1), width=8, stem_width=16)
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import TINY_CONFIGS, write_images
 from seglabel.distill import DistillConfig, poly_lr, segmentation_loss, train
-from seglabel.distill_data import DataError, scan_pairs
+from seglabel.distill.data import DataError, scan_pairs
 from seglabel.labelset import load_labelset
 
 SMALL_ARCH = {"depth": 18, "block": "basic", "layers": [1, 1, 1, 1], "width": 8, "stem_width": 16}
@@ -284,7 +284,7 @@ def test_pseudo_folder_with_run_record_needs_no_labels_flag(data, tiny_weights, 
     assert [c["name"] for c in ckpt["labelset"]["classes"]] == ["sky", "grass", "road"]
 
 
-def test_bad_pairs_are_reported_skips(tmp_path):
+def test_bad_pairs_are_reported_skips(tmp_path, caplog):
     write_images(tmp_path / "photos", ["ok.png", "nomask.png", "small.png", "badid.png"], size=SIZE)
     write_masks(tmp_path / "m", ["ok.png", "orphan.png"])
     write_masks(tmp_path / "m", ["small.png"], size=(20, 20))
@@ -296,7 +296,11 @@ def test_bad_pairs_are_reported_skips(tmp_path):
     assert "differs from its image" in reasons["small"]
     assert "class id 7 is outside the label set" in reasons["badid"]
     assert "mask without an image" in reasons["orphan"]
-    assert "4 skipped" in scan.report()
+    with caplog.at_level("INFO", logger="seglabel"):
+        scan.report()
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert sorted(Path(line.split(": ")[1]).stem for line in warned) == ["badid", "nomask", "orphan", "small"]
+    assert any("1 training images, 4 skipped" in r.getMessage() for r in caplog.records if r.levelname == "INFO")
 
 
 def test_no_usable_pair_is_one_clear_error(tmp_path):

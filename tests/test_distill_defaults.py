@@ -13,17 +13,24 @@ import torch
 from PIL import Image
 
 from conftest import TINY_CONFIGS, write_images
-from seglabel.distill import DistillConfig, OnlineTeacher, default_iters, resolve_settings, resolve_teacher, train
-from seglabel.distill_data import Augment, DataError, PairDataset, scan_pairs
-from seglabel.distill_loss import colour_affinity_loss
+from seglabel.distill import DistillConfig, default_iters, train
+from seglabel.distill.data import Augment, DataError, PairDataset, scan_pairs
+from seglabel.distill.loss import colour_affinity_loss
+from seglabel.distill.plan import resolve_settings as resolve
+from seglabel.distill.teacher import Teacher, ignore_least_sure, resolve_teacher
 from seglabel.labelset import load_labelset
 from test_annotate_cli import annotate, run
 
-CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+CPU, CUDA = "cpu", "cuda"
 
 
 def cfg(**kw) -> DistillConfig:
     return DistillConfig(images="photos", out="run", **kw)
+
+
+def resolve_settings(config: DistillConfig, run: dict, embed_dim: int, device: str, labels: str | None = None):
+    """The plan's resolution; a teacher labels online unless told."""
+    return resolve(config, run, embed_dim, device, labels or ("online" if config.teacher else None))
 
 
 def annotate_record(short_side=64, model="maskclip:ViT-B-16") -> dict:
@@ -168,25 +175,32 @@ def test_colour_affinity_loss_only_speaks_where_the_teacher_is_silent():
 
 
 def test_online_teacher_ignores_the_least_sure_fraction(tmp_path, tiny_weights, small_labelset):
-    from seglabel.models.clip import register_model_config
     from seglabel.models.deeplab import DeepLabV2Student, StudentArch
+    from seglabel.models.registry import load_segmenter
+    from seglabel.predict import Protocol
 
-    register_model_config(TINY_CONFIGS["tiny-vit"])
     labelset = load_labelset(small_labelset)
     student = DeepLabV2Student(StudentArch.resnet(18, 32, width=8, stem_width=8))
     torch.manual_seed(0)
     images = torch.randn(2, 3, 32, 32)
     valid = torch.zeros(2, 32, 32, dtype=torch.long)
     valid[:, :, 28:] = 255  # padding
-    common = dict(images="x", out="y", teacher="maskclip:tiny-vit", pretrained=str(tiny_weights["tiny-vit"]),
-                  model_config=str(TINY_CONFIGS["tiny-vit"]))
-    plain = OnlineTeacher(DistillConfig(**common), labelset, {}, CPU)(images, valid, student, 255)
+    model = load_segmenter("maskclip:tiny-vit", labelset, pretrained=str(tiny_weights["tiny-vit"]),
+                           model_config=str(TINY_CONFIGS["tiny-vit"]))
+    teacher = Teacher(model, Protocol(short_side=32), labelset, None)
+    plain, margin = teacher.crops(images, valid, student.mean, student.std, 255)
     assert (plain[:, :, 28:] == 255).all() and (plain[:, :, :28] != 255).all()
-    unsure = OnlineTeacher(DistillConfig(**common, ignore_unsure=0.25), labelset, {}, CPU)(images, valid, student, 255)
-    ignored = (unsure[:, :, :28] == 255).float().mean().item()
-    assert 0.24 <= ignored <= 0.30  # ties at the cut may add a few
+    assert margin.shape == plain.shape and (margin >= 0).all()
+    unsure = ignore_least_sure(plain, margin, 0.25, 255)
+    inside = plain != 255
+    assert (unsure[inside] == 255).sum() == int(0.25 * inside.sum())  # exactly the fraction asked
+    dropped = (unsure == 255) & inside
+    assert margin[dropped].max() <= margin[inside & ~dropped].min()  # and the least sure ones
     kept = unsure != 255
     assert torch.equal(unsure[kept], plain[kept])  # the rest keeps the teacher's labels
+    # saturated scores (all equal) lose no more than asked either
+    tied = ignore_least_sure(plain, torch.ones_like(margin), 0.25, 255)
+    assert (tied[inside] == 255).sum() == int(0.25 * inside.sum())
 
 
 def test_offline_labels_below_min_confidence_are_ignored(tmp_path):
@@ -201,7 +215,7 @@ def test_offline_labels_below_min_confidence_are_ignored(tmp_path):
     scan = scan_pairs(photos, masks, 3, 255, scores=scores)
     assert scan.pairs[0].scores == scores / "a.png"
     aug = Augment(crop=32, base_size=32, scale_range=(1.0, 1.0), flip=False, photometric=False)
-    _, target = PairDataset(scan.pairs, aug, (0, 0, 0), (1, 1, 1), 255, min_confidence=0.5)[0]
+    _, target, _ = PairDataset(scan.pairs, aug, (0, 0, 0), (1, 1, 1), 255, min_confidence=0.5)[0]
     assert (target[:, :16] == 255).all() and (target[:, 16:] == 1).all()
     # a mask without its confidence map is a reported skip
     (scores / "a.png").unlink()

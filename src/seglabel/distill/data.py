@@ -4,21 +4,32 @@ crop, flip, photometric distortion, normalise, pad).
 
 Every random draw of sample ``n`` comes from a generator seeded with (seed, n), so a batch depends
 only on the iteration number: resuming, worker counts and ranks never change what is seen.
+seglabel's own run folders found under the images (an earlier annotate's masks and overlays) are
+not training photos: they are skipped and counted.
 """
 from __future__ import annotations
 
-import sys
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import UsageError
-from .images import ImageError, find_images, load_image
-from .interrupts import leave_signals_to_parent
+from ..errors import UsageError
+from ..images import ImageError, ImageItem, find_images, load_image
+from ..interrupts import leave_signals_to_parent
+from ..layout import is_run_folder
+from ..writers import OutputFolderError, read_mask as read_mask_file
+
+if TYPE_CHECKING:
+    from .cache import TeacherCache
+
+log = logging.getLogger("seglabel")
 
 
 class DataError(UsageError):
@@ -37,13 +48,40 @@ class Pair:
 class PairScan:
     pairs: list[Pair]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    run_folders: dict[str, int] = field(default_factory=dict)  # seglabel run folder -> images in it
 
-    def report(self, limit: int = 5) -> str:
-        lines = [f"{len(self.pairs)} training pairs" + (f", {len(self.skipped)} skipped:" if self.skipped else "")]
-        lines += [f"  skipped: {p}: {r}" for p, r in self.skipped[:limit]]
-        if len(self.skipped) > limit:
-            lines.append(f"  ... and {len(self.skipped) - limit} more")
-        return "\n".join(lines)
+    def report(self) -> None:
+        """Every skip on its own line (warnings: shown under --quiet too), then the count."""
+        for folder, n in self.run_folders.items():
+            log.warning(f"{folder}: a seglabel run folder (annotate's output), not training photos: "
+                        f"its {n} image files skipped")
+        for path, reason in self.skipped:
+            log.warning(f"skipped: {path}: {reason}")
+        runs = sum(self.run_folders.values())
+        log.info(f"{len(self.pairs)} training images" + (f", {len(self.skipped)} skipped" if self.skipped else "")
+                 + (f", {runs} in {len(self.run_folders)} seglabel run folders left out" if runs else ""))
+
+
+def outside_run_folders(items: list[ImageItem], root: Path) -> tuple[list[ImageItem], dict[str, int]]:
+    """``items`` without those inside a seglabel run folder at or under ``root`` (layout.is_run_folder),
+    and how many each such folder held."""
+    verdict: dict[str, bool] = {}
+    kept, skipped = [], {}
+    for item in items:
+        folder = str(root)
+        inside = None
+        for part in [""] + list(Path(item.rel).parts[:-1]):
+            folder = os.path.join(folder, part) if part else folder
+            if folder not in verdict:
+                verdict[folder] = is_run_folder(folder)
+            if verdict[folder]:
+                inside = folder
+                break
+        if inside is None:
+            kept.append(item)
+        else:
+            skipped[inside] = skipped.get(inside, 0) + 1
+    return kept, skipped
 
 
 def mask_files(folder: Path) -> dict[str, Path]:
@@ -68,14 +106,11 @@ def image_size(path: Path) -> tuple[int, int]:
 
 
 def read_mask(path: Path, ignore_index: int) -> np.ndarray:
-    """Class ids as int64; 255 of an 8-bit mask is ignore whatever the label set (as annotate writes)."""
-    with Image.open(path) as im:
-        if im.mode not in ("P", "L", "I", "I;16", "I;16L", "I;16B"):
-            raise ValueError(f"a {im.mode} image, not single-channel class ids")
-        raw = np.asarray(im)
+    """Class ids as int64 (writers.read_mask); 255 of an 8-bit mask is ignore whatever the label set
+    (as annotate writes it), as is 65535 of a 16-bit one."""
+    raw = read_mask_file(path)
     ids = raw.astype(np.int64)
-    if raw.dtype == np.uint8:
-        ids[raw == 255] = ignore_index
+    ids[raw == (255 if raw.dtype == np.uint8 else 65535)] = ignore_index
     return ids
 
 
@@ -89,22 +124,26 @@ def read_scores(path: Path) -> np.ndarray:
 
 
 def scan_pairs(images: Path, masks: Path | None, num_classes: int, ignore_index: int,
-               scores: Path | None = None) -> PairScan:
+               scores: Path | None = None, exclude: tuple[Path, ...] = ()) -> PairScan:
     """Match images and masks (and, given ``scores``, confidence maps) by relative path and check
     each mask: readable, the image's size, class ids inside the label set. Problems become
-    reported skips; no usable pair is an error."""
+    reported skips; no usable pair is an error. Folders in ``exclude`` (distill's own --out) are
+    never entered; seglabel run folders are left out and counted."""
     if not images.is_dir():
         raise DataError(f"{images}: no such image folder (--images)")
-    found = find_images([images])
+    found = find_images([images], exclude=exclude)
+    items, runs = outside_run_folders(found.items, images)
     skipped = [(p.path, p.reason) for p in found.problems]
     if masks is None:
-        return PairScan([Pair(i.key, i.path, None) for i in found.items], skipped)
+        if not items:
+            raise DataError(f"{images}: no training images found" + (" outside seglabel run folders" if runs else ""))
+        return PairScan([Pair(i.key, i.path, None) for i in items], skipped, runs)
     if not masks.is_dir():
         raise DataError(f"{masks}: no such mask folder")
     by_key = mask_files(masks)
     score_files = mask_files(scores) if scores is not None else {}
     pairs = []
-    for item in found.items:
+    for item in items:
         mask = by_key.pop(item.key, None)
         if mask is None:
             skipped.append((str(item.path), f"no mask {item.key}.png in {masks}"))
@@ -117,6 +156,9 @@ def scan_pairs(images: Path, masks: Path | None, num_classes: int, ignore_index:
             ids = read_mask(mask, ignore_index)
             size = image_size(item.path)
             conf_shape = read_scores(score).shape if score is not None else size
+        except OutputFolderError as e:
+            skipped.append((str(mask), str(e).split(": ", 1)[-1]))
+            continue
         except (OSError, ValueError, ImageError, SyntaxError, Image.DecompressionBombError) as e:
             skipped.append((str(mask), f"cannot be read: {e}"))
             continue
@@ -135,7 +177,7 @@ def scan_pairs(images: Path, masks: Path | None, num_classes: int, ignore_index:
     if not pairs:
         first = f" (first problem: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
         raise DataError(f"no usable (image, mask) pair in {images} and {masks}{first}")
-    return PairScan(pairs, skipped)
+    return PairScan(pairs, skipped, runs)
 
 
 @dataclass(frozen=True)
@@ -149,14 +191,16 @@ class Augment:
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Item ``n`` (a global sample number) -> (normalised image crop, int64 mask crop).
+    """Item ``n`` (a global sample number) -> (normalised image crop, int64 mask crop, sureness).
 
     The sample number picks the pair (a fresh permutation per epoch) and seeds the augmentation.
-    Without masks (online teacher), the mask is 0 on the image and ``ignore`` on the padding."""
+    The mask is the pair's, or with a cached teacher its labels at the level nearest the drawn
+    scale (sureness: its confidence, else an empty tensor); with an online teacher it is 0 on the
+    image and ``ignore`` on the padding."""
 
     def __init__(self, pairs: list[Pair], aug: Augment, mean, std, ignore_index: int, seed: int = 0,
-                 min_confidence: float = 0.0):
-        self.pairs, self.aug, self.ignore, self.seed = pairs, aug, ignore_index, seed
+                 min_confidence: float = 0.0, cache: "TeacherCache | None" = None):
+        self.pairs, self.aug, self.ignore, self.seed, self.cache = pairs, aug, ignore_index, seed, cache
         self.min_confidence = min_confidence
         self.mean = torch.tensor(mean).view(3, 1, 1) * 255
         self.std = torch.tensor(std).view(3, 1, 1) * 255
@@ -169,40 +213,61 @@ class PairDataset(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return int(torch.randperm(len(self.pairs), generator=g)[pos])
 
-    def __getitem__(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pair = self.pairs[self.pair_index(n)]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * n + 1)
+        rand = lambda: float(torch.rand((), generator=g))  # noqa: E731
+        lo, hi = self.aug.scale_range
+        factor = lo + rand() * (hi - lo)
+        sure = None
         try:
             rgb = load_image(pair.image)
-            mask = read_mask(pair.mask, self.ignore) if pair.mask else np.zeros(rgb.shape[:2], np.int64)
-            if pair.scores is not None and self.min_confidence > 0:
-                mask[read_scores(pair.scores) < self.min_confidence] = self.ignore
-        except (ImageError, OSError, ValueError) as e:  # changed on disk since the scan
-            print(f"warning: {pair.image}: skipped this time ({e})", file=sys.stderr)
-            return self[n + 1]
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * n + 1)
-        return self.augment(torch.from_numpy(rgb).permute(2, 0, 1).float(), torch.from_numpy(mask), g)
+            if self.cache is not None:
+                from .cache import nearest_level
 
-    def augment(self, img: torch.Tensor, mask: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                mask, sure = self.cache.read(nearest_level(factor, self.cache.levels), pair.key, self.ignore)
+            elif pair.mask:
+                mask = read_mask(pair.mask, self.ignore)
+            else:
+                mask = np.zeros(rgb.shape[:2], np.int64)
+            if pair.scores is not None:
+                sure = read_scores(pair.scores)
+            if sure is not None and self.min_confidence > 0:
+                mask[sure < self.min_confidence] = self.ignore
+        except (ImageError, OSError, ValueError) as e:  # changed on disk since the scan
+            log.warning(f"{pair.image}: skipped this time ({e})")
+            return self[n + 1]
+        return self.augment(torch.from_numpy(rgb).permute(2, 0, 1).float(), torch.from_numpy(mask),
+                            None if sure is None else torch.from_numpy(sure), factor, rand)
+
+    def augment(self, img: torch.Tensor, mask: torch.Tensor, sure: torch.Tensor | None, factor: float,
+                rand) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a = self.aug
-        rand = lambda: float(torch.rand((), generator=g))  # noqa: E731
         h, w = img.shape[1:]
-        factor = a.scale_range[0] + rand() * (a.scale_range[1] - a.scale_range[0])
         scale = a.base_size * factor / min(h, w)
         size = max(1, round(h * scale)), max(1, round(w * scale))
         img = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False, antialias=scale < 1)[0]
         mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
-        img, mask = self.random_crop(img, mask, rand)
+        if sure is not None:  # labels of the photo at another size (a cached level) follow it the same way
+            sure = F.interpolate(sure[None, None].float(), size=size, mode="nearest")[0, 0]
+        top, left = self.random_crop(mask, rand)
+        c = a.crop
+        img, mask = img[:, top:top + c, left:left + c], mask[top:top + c, left:left + c]
+        sure = sure[top:top + c, left:left + c] if sure is not None else None
         if a.flip and rand() < 0.5:
             img, mask = img.flip(-1), mask.flip(-1)
+            sure = sure.flip(-1) if sure is not None else None
         if a.photometric:
             img = photometric_distortion(img, rand)
         img = (img - self.mean) / self.std
         ph, pw = a.crop - img.shape[1], a.crop - img.shape[2]
         img = F.pad(img, (0, pw, 0, ph), value=0.0)  # 0 after normalising: the mean colour, as mmseg
         mask = F.pad(mask, (0, pw, 0, ph), value=self.ignore)
-        return img, mask
+        sure = F.pad(sure, (0, pw, 0, ph), value=0.0) if sure is not None else torch.zeros(0)
+        return img, mask, sure
 
-    def random_crop(self, img, mask, rand):
+    def random_crop(self, mask: torch.Tensor, rand) -> tuple[int, int]:
+        """(top, left) of a crop that no class fills beyond ``cat_max_ratio`` (mmseg), 10 tries."""
         c = self.aug.crop
         h, w = mask.shape
         for _ in range(10):
@@ -211,7 +276,7 @@ class PairDataset(torch.utils.data.Dataset):
             _, counts = m[m != self.ignore].unique(return_counts=True)
             if len(counts) > 1 and counts.max() / counts.sum() < self.aug.cat_max_ratio:
                 break
-        return img[:, top:top + c, left:left + c], m
+        return top, left
 
 
 def photometric_distortion(img: torch.Tensor, rand) -> torch.Tensor:
