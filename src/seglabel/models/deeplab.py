@@ -152,7 +152,19 @@ class ASPPv2(nn.Module):
             for d in dilations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sum(branch(x) for branch in self.branches)
+        return sum(self._branch(branch, x) for branch in self.branches)
+
+    @staticmethod
+    def _branch(branch: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        conv = branch[0]
+        d = conv.dilation[0]
+        if d < x.shape[-2] or d < x.shape[-1]:
+            return branch(x)
+        # A map no larger than the dilation (small inputs: 64 px -> 8 x 8): the eight outer taps
+        # only ever read the zero padding, so the 3x3 conv is its centre tap, a 1x1 conv (exact,
+        # gradients included, at a ninth of the cost).
+        out = F.conv2d(x, conv.weight[:, :, 1:2, 1:2], conv.bias)
+        return branch[2](branch[1](out))
 
 
 # -- the student --------------------------------------------------------------------------------
@@ -175,6 +187,7 @@ class DeepLabV2Student(Segmenter):
         self.logit_scale = STUDENT_LOGIT_SCALE
         self.cache_dir: str | None = None
         self.weights_info: dict[str, Any] = {}
+        self.fused = False  # fuse_for_inference
 
     # -- text side ------------------------------------------------------------------------------
     def set_text(self, embeddings: torch.Tensor, labelset: LabelSet) -> None:
@@ -208,12 +221,33 @@ class DeepLabV2Student(Segmenter):
         return class_max(F.conv2d(feats, weight), self.prompt_class, self.num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            images = images.contiguous(memory_format=torch.channels_last)
         logits = self.raw_logits(images)
         return logits if self.training else self.logit_scale * logits.float()
 
     def describe(self) -> dict[str, Any]:
         return {"method": "maskclip+ student (deeplabv2)", "arch": self.arch.to_dict(),
                 "logit_scale": self.logit_scale, "text_encoder": self.clip_spec}
+
+    def fuse_for_inference(self) -> "DeepLabV2Student":
+        """Fold every batch norm into the convolution before it (the same function, fewer passes
+        over memory) and keep activations channels-last (faster convolutions on CPUs and tensor
+        cores). For labelling only: the folded model cannot train, and its state_dict has other keys."""
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        self.eval()
+        for module in list(self.modules()):
+            if isinstance(module, nn.Sequential):  # the stem, ASPP branches, downsample shortcuts
+                for i in range(len(module) - 1):
+                    if isinstance(module[i], nn.Conv2d) and isinstance(module[i + 1], nn.BatchNorm2d):
+                        module[i], module[i + 1] = fuse_conv_bn_eval(module[i], module[i + 1]), nn.Identity()
+            for conv, bn in (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")):  # residual blocks
+                if isinstance(getattr(module, bn, None), nn.BatchNorm2d):
+                    setattr(module, conv, fuse_conv_bn_eval(getattr(module, conv), getattr(module, bn)))
+                    setattr(module, bn, nn.Identity())
+        self.fused = True
+        return self.to(memory_format=torch.channels_last)
 
 
 def text_key(labelset: LabelSet) -> dict[str, Any]:
@@ -296,4 +330,4 @@ def build_student(path: str, device: str | torch.device = "cpu", cache_dir: str 
         model.default_protocol = {"short_side": base}  # the scale it learnt at, unless --short-side says otherwise
     model.weights_info = {"pretrained": str(path), "weights_file": str(path),
                           "text_encoder": {k: v for k, v in (model.clip_spec or {}).items() if k != "config"}}
-    return model.to(device).eval()
+    return model.to(device).fuse_for_inference()
