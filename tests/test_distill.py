@@ -340,3 +340,13 @@ def test_online_teacher_self_training_and_validation(data, tiny_weights, small_l
     mious = [r["val_miou"] for r in log if "val_miou" in r]
     assert len(mious) == 2 and all(0.0 <= v <= 1.0 for v in mious)
     assert torch.load(data / "run" / "student.pt", weights_only=True)["trained"]["teacher"] == "maskclip:tiny-vit"
+
+
+def test_the_python_api_shows_a_tqdm_bar_unless_quiet(data, tiny_weights, small_labelset, capfd):
+    """Issue 25 item 5: a distill started from Python (a notebook) shows its progress; the command
+    line logs lines instead (progress_bar=False), and quiet shows nothing."""
+    train(make_config(data, tiny_weights, small_labelset, iters=2, quiet=False))
+    err = capfd.readouterr().err
+    assert "distill" in err and "2/2" in err, err
+    train(make_config(data, tiny_weights, small_labelset, iters=2, quiet=True, out=str(data / "quiet")))
+    assert "2/2" not in capfd.readouterr().err

@@ -98,6 +98,64 @@ def test_colour_prior_replaces_imagenet_init():
     assert (given.affinity_weight, given.ignore_unsure) == (0.0, 0.1)
 
 
+def test_cuda_gets_the_maskclip_plus_recipe_and_a_cpu_the_measured_one():
+    """Issue 23 item 4: on CUDA an ImageNet ResNet-101 trained with cross-entropy alone (MaskCLIP+);
+    elsewhere the toy-world-measured ResNet-18 from random init with the colour prior. The chooser
+    takes the device type, so both are checked here, without a GPU."""
+    gpu = resolve_settings(cfg(teacher="maskclip:x"), {}, 512, CUDA)
+    assert (gpu.depth, gpu.width, gpu.backbone_weights) == (101, 64, "imagenet")
+    assert (gpu.affinity_weight, gpu.ignore_unsure, gpu.photometric) == (0.0, 0.0, True)
+    cpu = resolve_settings(cfg(teacher="maskclip:x"), {}, 512, CPU)
+    assert (cpu.depth, cpu.width, cpu.backbone_weights) == (18, 32, "none")
+    assert (cpu.affinity_weight, cpu.ignore_unsure, cpu.photometric) == (2.5, 0.2, False)
+    random_gpu = resolve_settings(cfg(teacher="maskclip:x", backbone_weights="none"), {}, 512, CUDA)
+    assert (random_gpu.backbone_weights, random_gpu.affinity_weight, random_gpu.width) == ("none", 2.5, 64)
+    cached = resolve_settings(cfg(teacher="maskclip:x"), {}, 512, CPU, "cached")  # labels made from the photo
+    assert (cached.photometric, cached.ignore_unsure, cached.teacher_labels) == (False, 0.2, "cached")
+
+
+@pytest.mark.slow
+def test_imagenet_weights_come_from_the_caches_their_packages_fill(tmp_path, monkeypatch):
+    """--backbone-weights imagenet: torchvision's file in torch hub's cache, timm's in the Hugging
+    Face cache (where their own loading code puts them); offline and not cached: one line saying
+    how to supply them or to start from random init."""
+    import torchvision
+
+    from seglabel.distill.backbone import IMAGENET, imagenet_file, init_backbone
+    from seglabel.models.clip import WeightsUnavailable
+    from seglabel.models.deeplab import DeepLabV2Student, StudentArch
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hf = tmp_path / "hf"
+    for depth in (18, 101):
+        with pytest.raises(WeightsUnavailable) as e:
+            imagenet_file(depth, cache_dir=str(hf))
+        message = str(e.value)
+        assert "\n" not in message and "not cached" in message and IMAGENET[depth][0] in message
+        assert message.endswith("or --backbone-weights none to start from random init") and "--backbone-weights FILE" in message
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+    cached.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), cached)  # what torchvision would have downloaded
+    assert imagenet_file(18) == str(cached)
+    model = DeepLabV2Student(StudentArch.resnet(18, 32))
+    line = init_backbone(model, "imagenet")
+    assert line.startswith("backbone weights (torchvision layout): ") and "left at random init" in line  # the 7x7 stem
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    snapshot = hf / "models--timm--resnet50c.gluon_in1k" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (hf / "models--timm--resnet50c.gluon_in1k" / "refs").mkdir()
+    (hf / "models--timm--resnet50c.gluon_in1k" / "refs" / "main").write_text("0" * 40)
+    save_file(timm.create_model("resnet50c", pretrained=False).state_dict(), str(snapshot / "model.safetensors"))
+    assert imagenet_file(50, cache_dir=str(hf)) == str(snapshot / "model.safetensors")
+    model = DeepLabV2Student(StudentArch.resnet(50, 32))
+    line = init_backbone(model, "imagenet", cache_dir=str(hf))
+    assert line.startswith("backbone weights (timm layout): ") and "random init" not in line  # the deep stem too
+
+
 # -- what a run records, and the student's default scale -------------------------------------------
 def test_config_records_the_architecture_and_the_student_labels_at_its_scale(tmp_path, tiny_weights, small_labelset):
     """Issue 14 item 5: config.json said ``arch: null``; a student trained at base size 48 labelled

@@ -223,8 +223,10 @@ def report(scores: dict[str, EvalResult], args, method: str | None, times: dict[
               f"{speed['student']:.1f} | x{speed['student'] / speed['teacher']:.1f} |")
     print("\nwall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; total {total:.0f} s "
           f"({total / 60:.1f} min); end: {load()}")
-    print(f"teacher mIoU {te.miou:.4f}  student mIoU {st.miou:.4f}  difference {st.miou - te.miou:+.4f}"
-          + (f"  speed x{speed['student'] / speed['teacher']:.1f}" if speed else ""))
+    print(f"teacher mIoU {te.miou:.4f}  student mIoU {st.miou:.4f}  difference {st.miou - te.miou:+.4f}")
+    if speed:
+        print(f"teacher {speed['teacher']:.1f} images/s  student {speed['student']:.1f} images/s  "
+              f"student/teacher x{speed['student'] / speed['teacher']:.1f}")
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ def read_scores(path: Path) -> np.ndarray:
     """annotate's 16-bit confidence PNG -> float32 probabilities in [0, 1]."""
     with Image.open(path) as im:
         if im.mode not in ("I", "I;16", "I;16L", "I;16B", "L"):
-            raise ValueError(f"a {im.mode} image, not a confidence map")
+            raise DataError(f"{path}: a {im.mode} image, not a confidence map")
         raw = np.asarray(im)
     return raw.astype(np.float32) / (255.0 if raw.dtype == np.uint8 else 65535.0)
 
