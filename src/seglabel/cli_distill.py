@@ -75,6 +75,10 @@ def distill(
     width: Optional[int] = option(None, "--width", panel=STUDENT, min=8, help="Channels of the first ResNet "
                                   "stage; 64 is the standard ResNet (default: 64 on CUDA or with "
                                   "--backbone-weights, else 32 on a CPU)."),
+    upsample: Optional[str] = option(None, "--upsample", panel=STUDENT, help="How the student labels its 8x8 "
+                                     "cells' logits at every pixel: guided (by the photo's colours: boundaries "
+                                     "follow colour edges) or bilinear (MaskCLIP+) (default: bilinear on CUDA, "
+                                     "guided on a CPU)."),
     backbone_weights: Optional[str] = option(None, "--backbone-weights", panel=STUDENT, help="ResNet weights file "
                                              "(torchvision, timm or mmseg), imagenet (downloaded on first use, "
                                              "then cached), or none (default: imagenet on CUDA, none on a CPU)."),
@@ -132,7 +136,7 @@ def distill(
         labels=str(labels) if labels else None, teacher=teacher, teacher_labels=teacher_labels, clip=clip,
         pretrained=pretrained, model_config=str(model_config) if model_config else None,
         proxy_weights=proxy_weights, regions=regions, cache_dir=cache_dir, arch=arch, depth=depth,
-        width=width, backbone_weights=backbone_weights, iters=iters, batch_size=batch_size, crop=crop,
+        width=width, backbone_weights=backbone_weights, upsample=upsample, iters=iters, batch_size=batch_size, crop=crop,
         base_size=base_size, lr=lr, self_train_after=self_train_after, photometric=photometric,
         scale_min=scale_min, scale_max=scale_max, min_confidence=min_confidence, ignore_unsure=ignore_unsure,
         affinity_weight=affinity_weight, affinity_sigma=affinity_sigma, save_every=save_every,

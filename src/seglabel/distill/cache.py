@@ -3,12 +3,15 @@
 A crop drawn at random scale ``f`` takes the labels of the level nearest to ``f`` (levels a factor
 of about sqrt(2) apart, from --scale-min to --scale-max), resized with the photo; the teacher saw
 the whole photo at that scale, as annotate labels it. ``OUT/teacher/<level>/<key>.png`` holds the
-mask (annotate's encoding) and ``<key>.conf.png`` the confidence (16-bit), written atomically, so a
-run killed while labelling goes on where it stopped. ``teacher.json`` says which teacher and
+mask (annotate's encoding), ``<key>.conf.png`` the confidence and ``<key>.margin.png`` the margin
+between the two best classes' logits (16-bit, 1/1000 steps up to 65.5: probabilities round to 1
+where a CLIP teacher is sure, margins keep ranking), written atomically, the mask last, so a run
+killed while labelling goes on where it stopped. ``teacher.json`` says which teacher and
 levels made them; a different one starts the folder over.
 """
 from __future__ import annotations
 
+import io
 import logging
 import math
 import shutil
@@ -16,14 +19,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
 
 from ..images import ImageError, load_image
-from ..writers import encode_mask_png, encode_scores_png, read_mask, to_json, write_bytes, write_json
+from ..writers import encode_mask_png, encode_scores_png, to_json, write_bytes, write_json
 from .teacher import Teacher
 
 log = logging.getLogger("seglabel")
 FOLDER, RECORD = "teacher", "teacher.json"
 LEVEL_RATIO = math.sqrt(2)
+MARGIN_STEPS = 1000  # margin PNGs: value / 1000 = logit margin
 
 
 def scale_levels(scale_min: float, scale_max: float) -> list[float]:
@@ -46,19 +51,19 @@ class TeacherCache:
     def short_side(self, level: int) -> int:
         return max(1, round(self.base_size * self.levels[level]))
 
-    def paths(self, level: int, key: str) -> tuple[Path, Path]:
+    def paths(self, level: int, key: str) -> tuple[Path, Path, Path]:
+        """(confidence, margin, mask) files of a photo at a level, in the order they are written."""
         folder = self.folder / f"{self.levels[level]:g}"
-        return folder / f"{key}.png", folder / f"{key}.conf.png"
+        return folder / f"{key}.conf.png", folder / f"{key}.margin.png", folder / f"{key}.png"
 
-    def read(self, level: int, key: str, ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
-        """(class ids int64 with ``ignore_index``, confidence float32) of a photo at a level."""
-        mask_path, conf_path = self.paths(level, key)
-        raw = read_mask(mask_path)
-        ids = raw.astype(np.int64)
-        ids[raw == (255 if raw.dtype == np.uint8 else 65535)] = ignore_index
-        from .data import read_scores
+    def read(self, level: int, key: str, ignore_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(class ids int64 with ``ignore_index``, confidence, margin; both float32) at a level."""
+        from .data import read_mask, read_scores
 
-        return ids, read_scores(conf_path)
+        conf_path, margin_path, mask_path = self.paths(level, key)
+        with Image.open(margin_path) as im:
+            margin = np.asarray(im).astype(np.float32) / MARGIN_STEPS
+        return read_mask(mask_path, ignore_index), read_scores(conf_path), margin
 
     def build(self, teacher: Teacher, items: Sequence[tuple[str, Path]], identity: dict[str, Any],
               rank: int = 0, world: int = 1, batch_size: int = 16) -> int:
@@ -78,10 +83,11 @@ class TeacherCache:
                 if not chunk:
                     continue
                 labelled = teacher.photos([rgb for _, rgb in chunk], self.short_side(level), batch_size)
-                for (key, _), (mask, conf) in zip(chunk, labelled):
-                    mask_path, conf_path = self.paths(level, key)
+                for (key, _), (mask, conf, margin) in zip(chunk, labelled):
+                    conf_path, margin_path, mask_path = self.paths(level, key)
                     write_bytes(conf_path, encode_scores_png(conf))
-                    write_bytes(mask_path, encode_mask_png(mask))  # last: the pair is done
+                    write_bytes(margin_path, _margin_png(margin))
+                    write_bytes(mask_path, encode_mask_png(mask))  # last: the photo is done
                 done += len(chunk)
         return done
 
@@ -97,6 +103,12 @@ class TeacherCache:
                 log.info(f"teacher: {self.folder} was made by another teacher or scale; labelling again")
                 shutil.rmtree(self.folder)
             write_json(path, record)
+
+
+def _margin_png(margin: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(np.round(margin * MARGIN_STEPS), 0, 65535).astype(np.uint16)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _load(path: Path) -> Any:

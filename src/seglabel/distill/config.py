@@ -33,6 +33,7 @@ class DistillConfig:
     width: int | None = None  # channels of the first ResNet stage (64 = the standard ResNet)
     student: dict[str, Any] | None = None  # the full StudentArch; filled in by the plan
     backbone_weights: str | None = None  # file | imagenet | none; None: by device
+    upsample: str | None = None  # how the student labels: guided | bilinear; None: by device
     iters: int | None = None  # None: default_iters (by the number of images), or a resumed run's own
     batch_size: int = 16  # global, split across ranks
     crop: int | None = None  # None: the base size, at most 512
@@ -82,19 +83,24 @@ EPOCHS, MIN_ITERS, MAX_ITERS = 13, 1000, 8000  # default_iters
 
 @dataclass(frozen=True)
 class DeviceDefaults:
-    """The student a device gets when --depth, --width and --backbone-weights are not given."""
+    """The student a device gets when --depth, --width, --backbone-weights and --upsample are not given."""
 
     depth: int
     width: int
     backbone_weights: str  # imagenet | none
+    upsample: str  # guided | bilinear
     measured: str  # where these defaults were measured (config.json records it)
 
 
 # CUDA: MaskCLIP+'s own recipe, a ResNet-101 from ImageNet weights trained with cross-entropy alone.
 # Elsewhere: a ResNet-18 of half width from random init, which trains in minutes on a CPU, with the
-# colour prior standing in for ImageNet's (measured on the toy world, docs/distill.md).
-CUDA_DEFAULTS = DeviceDefaults(101, 64, "imagenet", "MaskCLIP+ (PASCAL Context, COCO-Stuff; ImageNet ResNet-101)")
-CPU_DEFAULTS = DeviceDefaults(18, 32, "none", "seglabel's toy world on a CPU (benchmarks/toyworld/distill_quality.py)")
+# colour prior standing in for ImageNet's, in training (the affinity loss) and in labelling (guided
+# upsampling); measured on the toy world and its shifted version (docs/distill.md).
+CUDA_DEFAULTS = DeviceDefaults(101, 64, "imagenet", "bilinear",
+                               "MaskCLIP+ (PASCAL Context, COCO-Stuff; ImageNet ResNet-101)")
+CPU_DEFAULTS = DeviceDefaults(18, 32, "none", "guided",
+                              "seglabel's toy world and its shifted version on a CPU (benchmarks/toyworld/distill_quality.py)")
+UPSAMPLE = ("guided", "bilinear")
 
 
 def device_defaults(device_type: str) -> DeviceDefaults:

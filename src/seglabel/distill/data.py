@@ -195,8 +195,8 @@ class PairDataset(torch.utils.data.Dataset):
 
     The sample number picks the pair (a fresh permutation per epoch) and seeds the augmentation.
     The mask is the pair's, or with a cached teacher its labels at the level nearest the drawn
-    scale (sureness: its confidence, else an empty tensor); with an online teacher it is 0 on the
-    image and ``ignore`` on the padding."""
+    scale (sureness: the margin of its two best classes, else an empty tensor); with an online
+    teacher it is 0 on the image and ``ignore`` on the padding."""
 
     def __init__(self, pairs: list[Pair], aug: Augment, mean, std, ignore_index: int, seed: int = 0,
                  min_confidence: float = 0.0, cache: "TeacherCache | None" = None):
@@ -225,15 +225,15 @@ class PairDataset(torch.utils.data.Dataset):
             if self.cache is not None:
                 from .cache import nearest_level
 
-                mask, sure = self.cache.read(nearest_level(factor, self.cache.levels), pair.key, self.ignore)
+                mask, conf, sure = self.cache.read(nearest_level(factor, self.cache.levels), pair.key, self.ignore)
             elif pair.mask:
-                mask = read_mask(pair.mask, self.ignore)
+                mask, conf = read_mask(pair.mask, self.ignore), None
             else:
-                mask = np.zeros(rgb.shape[:2], np.int64)
+                mask, conf = np.zeros(rgb.shape[:2], np.int64), None
             if pair.scores is not None:
-                sure = read_scores(pair.scores)
-            if sure is not None and self.min_confidence > 0:
-                mask[sure < self.min_confidence] = self.ignore
+                conf = read_scores(pair.scores)
+            if conf is not None and self.min_confidence > 0:
+                mask[conf < self.min_confidence] = self.ignore
         except (ImageError, OSError, ValueError) as e:  # changed on disk since the scan
             log.warning(f"{pair.image}: skipped this time ({e})")
             return self[n + 1]

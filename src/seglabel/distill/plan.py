@@ -25,8 +25,8 @@ from ..models.deeplab import StudentArch
 from ..recipe import Recipe, argv_value
 from .backbone import IMAGENET, check_backbone
 from .cache import FOLDER as CACHE_FOLDER, scale_levels
-from .config import (AFFINITY_WEIGHT, IGNORE_UNSURE, TEACHER_LABELS, DeviceDefaults, DistillConfig, default_iters,
-                     device_defaults)
+from .config import (AFFINITY_WEIGHT, IGNORE_UNSURE, TEACHER_LABELS, UPSAMPLE, DeviceDefaults, DistillConfig,
+                     default_iters, device_defaults)
 from .data import DataError, PairScan, scan_pairs
 from .state import LAST, check_resumable, read_last, saved_schedule
 from .teacher import labels_mode, resolve_teacher, teacher_recipe
@@ -61,10 +61,11 @@ class Plan:
         """What the run would do, for ``--dry-run``."""
         c, arch = self.cfg, StudentArch.from_dict(self.cfg.student or {})
         init = {"none": "from random init", "imagenet": f"from ImageNet weights ({IMAGENET.get(arch.depth, ('?',))[0]})"}
-        own = (c.depth, c.width, c.backbone_weights) == (self.defaults.depth, self.defaults.width,
-                                                          self.defaults.backbone_weights)
+        own = (c.depth, c.width, c.backbone_weights, c.upsample) == (
+            self.defaults.depth, self.defaults.width, self.defaults.backbone_weights, self.defaults.upsample)
         lines = [f"student: DeepLabv2, ResNet-{arch.depth} width {arch.width}, "
-                 f"{init.get(c.backbone_weights or 'none', f'from {c.backbone_weights}')}"
+                 f"{init.get(c.backbone_weights or 'none', f'from {c.backbone_weights}')}, labels with "
+                 f"{arch.upsample} upsampling"
                  + (f" (the {self.device.type} default, measured on {self.defaults.measured})" if own else ""),
                  f"device: {self.device}" + (f", {self.world} processes" if self.world > 1 else "")]
         if self.teacher is None:
@@ -157,6 +158,8 @@ def _check_numbers(cfg: DistillConfig, world: int) -> None:
         raise UsageError(f"--lr {cfg.lr}: must be a finite number, at least 0")
     if cfg.teacher_labels not in TEACHER_LABELS:
         raise UsageError(f"--teacher-labels {cfg.teacher_labels}: choose {', '.join(TEACHER_LABELS)}")
+    if cfg.upsample is not None and cfg.upsample not in UPSAMPLE:
+        raise UsageError(f"--upsample {cfg.upsample}: choose {' or '.join(UPSAMPLE)}")
     if bool(cfg.val_images) != bool(cfg.val_masks):
         raise UsageError("--val-images and --val-masks go together")
 
@@ -246,10 +249,11 @@ def resolve_settings(cfg: DistillConfig, run: dict[str, Any], embed_dim: int, de
     pretrained = weights != "none"
     depth = cfg.depth or defaults.depth
     width = cfg.width or (64 if pretrained or device_type == "cuda" else defaults.width)
+    upsample = cfg.upsample or defaults.upsample
     if cfg.student:  # tests: a whole architecture
-        arch = StudentArch.from_dict({**cfg.student, "embed_dim": embed_dim})
+        arch = StudentArch.from_dict({**cfg.student, "embed_dim": embed_dim, "upsample": upsample})
     else:
-        arch = StudentArch.resnet(depth, embed_dim, width=width, stem_width=width)
+        arch = StudentArch.resnet(depth, embed_dim, width=width, stem_width=width, upsample=upsample)
     base = base_size(cfg, run)
     crop = cfg.crop or min(512, -(-base // 8) * 8)
     affinity = cfg.affinity_weight if cfg.affinity_weight is not None else (0.0 if pretrained else AFFINITY_WEIGHT)
@@ -257,7 +261,7 @@ def resolve_settings(cfg: DistillConfig, run: dict[str, Any], embed_dim: int, de
     photometric = online and not affinity if cfg.photometric is None else cfg.photometric
     unsure = cfg.ignore_unsure if cfg.ignore_unsure is not None else (IGNORE_UNSURE if teacher_labels and affinity else 0.0)
     return replace(cfg, depth=arch.depth, width=arch.width, student=arch.to_dict(), base_size=base, crop=crop,
-                   backbone_weights=weights,
+                   backbone_weights=weights, upsample=upsample,
                    photometric=photometric, affinity_weight=affinity, ignore_unsure=unsure,
                    teacher_labels=teacher_labels or "none")
 

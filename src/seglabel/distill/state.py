@@ -118,6 +118,9 @@ def check_resumable(cfg: DistillConfig, last: dict[str, Any], path: Path) -> lis
     """The lr schedule to go on with; refuses (one line) settings a resumed run may not change.
     A larger ``--iters`` continues training: the schedule gets a new stretch [iteration, iters]."""
     saved, now = last["config"], config_dict(cfg)
+    if isinstance(saved.get("student"), dict):  # how the student labels does not change its training
+        saved = {**saved, "student": {k: v for k, v in saved["student"].items() if k != "upsample"}}
+        now = {**now, "student": {k: v for k, v in now["student"].items() if k != "upsample"}}
     keys = list(RESUME_KEYS)
     if "student" not in saved:  # written before the architecture was recorded whole
         keys = [k for k in keys if k not in ("student", "arch")] + ["depth"]

@@ -130,19 +130,20 @@ class Teacher:
         return torch.where(unsure, ignore_index, labels), margin
 
     @torch.no_grad()
-    def photos(self, rgbs: list[np.ndarray], short_side: int, batch_size: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(mask as annotate writes it, confidence) of each photo labelled at ``short_side`` by
-        annotate's Predictor under the teacher's protocol, at the resized size (not the photo's:
+    def photos(self, rgbs: list[np.ndarray], short_side: int,
+               batch_size: int = 16) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(mask as annotate writes it, confidence, margin) of each photo labelled at ``short_side``
+        by annotate's Predictor under the teacher's protocol, at the resized size (not the photo's:
         a photo labelled at twice its size keeps the detail)."""
         protocol = dataclasses.replace(self.protocol, short_side=short_side)
-        predictor = Predictor(self.model, protocol, batch_size=batch_size, own_protocol=False)
+        predictor = Predictor(self.model, protocol, batch_size=batch_size, own_protocol=False, margins=True)
         sizes = [resized_size(*rgb.shape[:2], protocol) for rgb in rgbs]
         if protocol.tta:  # its own resizing: give it each photo at this scale
             preds = predictor.predict([_resized(rgb, size) for rgb, size in zip(rgbs, sizes)])
         else:
             prepared = [prepare_image(rgb, protocol, self.model.mean, self.model.std, self.model.device) for rgb in rgbs]
             preds = predictor.predict_prepared(prepared, sizes)
-        return [(to_mask(pred, self.labelset, self.min_confidence), pred.confidence) for pred in preds]
+        return [(to_mask(pred, self.labelset, self.min_confidence), pred.confidence, pred.margin) for pred in preds]
 
 
 def _resized(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -153,15 +154,18 @@ def _resized(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def ignore_least_sure(target: torch.Tensor, sureness: torch.Tensor, fraction: float,
                       ignore_index: int) -> torch.Tensor:
-    """``target`` with the ``fraction`` of its labelled pixels whose teacher was least sure set to
-    ignore: exactly that many (ties broken by position), so a teacher whose scores saturate loses
-    no more than asked."""
-    labelled = target != ignore_index
-    k = int(fraction * int(labelled.sum()))
-    if k <= 0:
-        return target
-    scores = torch.where(labelled, sureness.float(), torch.inf).flatten()
-    least = scores.topk(k, largest=False).indices
+    """``target`` with, in every class, the ``fraction`` of its labelled pixels whose teacher was
+    least sure set to ignore: exactly that many (ties broken by position), so a teacher whose scores
+    saturate loses no more than asked. Ranked within each class because a teacher's sureness is not
+    comparable across classes: CLIP is less sure of some classes everywhere, and one ranking for all
+    would ignore most of those (a CorrCLIP teacher's black toys: 65 %, never learnt)."""
     out = target.flatten().clone()
-    out[least] = ignore_index
+    scores = sureness.float().flatten()
+    for c in torch.unique(out):
+        if c == ignore_index:
+            continue
+        members = (out == c).nonzero().squeeze(1)
+        k = int(fraction * len(members))
+        if k > 0:
+            out[members[scores[members].topk(k, largest=False).indices]] = ignore_index
     return out.view_as(target)

@@ -53,6 +53,9 @@ class StudentArch:
     contract_dilation: bool = True
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    # How labelling upsamples the logits of 8x8 cells to pixels: "bilinear" (MaskCLIP+), or "guided"
+    # by the image's colours (models/guided.py). Training's losses always read bilinear logits.
+    upsample: str = "bilinear"
 
     @classmethod
     def resnet(cls, depth: int = 101, embed_dim: int = 512, **kw: Any) -> "StudentArch":
@@ -169,7 +172,16 @@ class ASPPv2(nn.Module):
 
 # -- the student --------------------------------------------------------------------------------
 class DeepLabV2Student(Segmenter):
-    stride = 8
+    cell = 8  # output stride of the network
+
+    @property
+    def stride(self) -> int:
+        """8, or 1 when labelling with guided upsampling (the logits come at every pixel)."""
+        return 1 if self.arch.upsample == "guided" and not self.training else self.cell
+
+    @property
+    def pad_to(self) -> int:
+        return self.cell
 
     def __init__(self, arch: StudentArch, clip_spec: dict[str, Any] | None = None):
         super().__init__()
@@ -224,7 +236,14 @@ class DeepLabV2Student(Segmenter):
         if self.fused:
             images = images.contiguous(memory_format=torch.channels_last)
         logits = self.raw_logits(images)
-        return logits if self.training else self.logit_scale * logits.float()
+        if self.training:
+            return logits
+        if self.arch.upsample == "guided":
+            from .guided import guided_upsample
+
+            mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in (self.mean, self.std))
+            logits = guided_upsample(logits, (images.float() * std + mean).clamp(0, 1), self.cell)
+        return self.logit_scale * logits.float()
 
     def describe(self) -> dict[str, Any]:
         return {"method": "maskclip+ student (deeplabv2)", "arch": self.arch.to_dict(),
