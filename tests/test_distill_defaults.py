@@ -40,7 +40,7 @@ def annotate_record(short_side=64, model="maskclip:ViT-B-16") -> dict:
 # -- resolution of the automatic defaults ---------------------------------------------------------
 def test_student_size_follows_the_device():
     cpu = resolve_settings(cfg(), {}, 128, CPU)
-    assert (cpu.depth, cpu.width) == (18, 32) and cpu.student["layers"] == [2, 2, 2, 2]
+    assert (cpu.depth, cpu.width) == (18, 16) and cpu.student["layers"] == [2, 2, 2, 2]
     gpu = resolve_settings(cfg(), {}, 512, CUDA)
     assert (gpu.depth, gpu.width) == (101, 64) and gpu.student["block"] == "bottleneck"
     assert gpu.student["layers"] == [3, 4, 23, 3] and gpu.student["embed_dim"] == 512
@@ -106,7 +106,7 @@ def test_cuda_gets_the_maskclip_plus_recipe_and_a_cpu_the_measured_one():
     assert (gpu.depth, gpu.width, gpu.backbone_weights, gpu.upsample) == (101, 64, "imagenet", "bilinear")
     assert (gpu.affinity_weight, gpu.ignore_unsure, gpu.photometric) == (0.0, 0.0, True)
     cpu = resolve_settings(cfg(teacher="maskclip:x"), {}, 512, CPU)
-    assert (cpu.depth, cpu.width, cpu.backbone_weights, cpu.upsample) == (18, 32, "none", "guided")
+    assert (cpu.depth, cpu.width, cpu.backbone_weights, cpu.upsample) == (18, 16, "none", "guided")
     assert cpu.student["upsample"] == "guided"  # student.pt records how it labels
     assert (cpu.affinity_weight, cpu.ignore_unsure, cpu.photometric) == (2.5, 0.2, False)
     random_gpu = resolve_settings(cfg(teacher="maskclip:x", backbone_weights="none"), {}, 512, CUDA)

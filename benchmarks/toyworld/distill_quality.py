@@ -123,6 +123,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="keep everything here (default: a temporary folder); "
                     "a rerun reuses its scenes and teacher labels")
     ap.add_argument("--run-name", default="run", help="distill's --out under --work (one per experiment)")
+    ap.add_argument("--other-upsample", action="store_true", help="also score the student labelling with the other "
+                    "--upsample (guided <-> bilinear): the same weights, only the last step differs")
     args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -190,6 +192,17 @@ def main() -> None:
         scores = {"teacher": evaluate_folders(teacher_test, test / "gt", labelset),
                   "student": evaluate_folders(student_test, test / "gt", labelset)}
         times["evaluate"] = time.perf_counter() - t
+        if args.other_upsample:
+            import torch
+
+            ckpt = torch.load(run / "student.pt", weights_only=True)
+            other = {"guided": "bilinear", "bilinear": "guided"}[ckpt["arch"].get("upsample", "bilinear")]
+            ckpt["arch"]["upsample"] = other
+            torch.save(ckpt, work / f"{args.run_name}-{other}.pt")
+            other_test = work / f"{args.run_name}-{other}-test"
+            label(load_segmenter(f"student:{work / f'{args.run_name}-{other}.pt'}", labelset), labelset,
+                  test / "images", other_test, args.short_side, [])
+            scores[f"student, {other} upsampling"] = evaluate_folders(other_test, test / "gt", labelset)
         speed = {}
         if args.speed_images:
             t = time.perf_counter()
@@ -224,6 +237,9 @@ def report(scores: dict[str, EvalResult], args, method: str | None, times: dict[
     print("\nwall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; total {total:.0f} s "
           f"({total / 60:.1f} min); end: {load()}")
     print(f"teacher mIoU {te.miou:.4f}  student mIoU {st.miou:.4f}  difference {st.miou - te.miou:+.4f}")
+    for name, result in scores.items():
+        if name not in ("teacher", "student"):
+            print(f"{name}: mIoU {result.miou:.4f} (difference to the teacher {result.miou - te.miou:+.4f})")
     if speed:
         print(f"teacher {speed['teacher']:.1f} images/s  student {speed['student']:.1f} images/s  "
               f"student/teacher x{speed['student'] / speed['teacher']:.1f}")

@@ -65,16 +65,16 @@ def distill(
                                    "pseudo-label pixels the teacher gave a lower probability (needs annotate "
                                    "--save-scores, or --teacher)."),
     ignore_unsure: Optional[float] = option(None, "--ignore-unsure", panel=TEACHER, min=0.0, max=0.99, help="With "
-                                            "an online teacher: ignore this fraction of each batch's pixels, those "
-                                            "the teacher is least sure of (default: 0.2 with the affinity loss, "
-                                            "else 0)."),
+                                            "a teacher: in every class, ignore this fraction of each batch's pixels, "
+                                            "those the teacher is least sure of (default: 0.2 with the affinity "
+                                            "loss, else 0)."),
     # Student
     arch: str = option("deeplabv2", "--arch", panel=STUDENT, help="Student architecture (deeplabv2)."),
     depth: Optional[int] = option(None, "--depth", panel=STUDENT, help="ResNet depth of the student: 18, 34, 50 "
                                   "or 101 (default: 101 on CUDA, 18 on a CPU)."),
     width: Optional[int] = option(None, "--width", panel=STUDENT, min=8, help="Channels of the first ResNet "
                                   "stage; 64 is the standard ResNet (default: 64 on CUDA or with "
-                                  "--backbone-weights, else 32 on a CPU)."),
+                                  "--backbone-weights, else 16 on a CPU)."),
     upsample: Optional[str] = option(None, "--upsample", panel=STUDENT, help="How the student labels its 8x8 "
                                      "cells' logits at every pixel: guided (by the photo's colours: boundaries "
                                      "follow colour edges) or bilinear (MaskCLIP+) (default: bilinear on CUDA, "

@@ -282,16 +282,18 @@ class Predictor:
         Labels are uint8 up to 256 classes: all that crosses to the host is 5 bytes a pixel."""
         (h, w), (rh, rw), (oh, ow) = logits.shape[1:], resized, original
         dev = logits.device
-        my = bilinear_matrix(rh, oh, dev, align_corners) @ bilinear_matrix(h, h * cell, dev)[:rh]
-        mx = bilinear_matrix(rw, ow, dev, align_corners) @ bilinear_matrix(w, w * cell, dev)[:rw]
         k = logits.shape[0]
-        cols = torch.einsum("khw,xw->khx", logits.float(), mx)  # (K, h, W0)
+        same = cell == 1 and (h, w) == (rh, rw) == (oh, ow)  # logits of every pixel at the photo's size
+        if not same:
+            my = bilinear_matrix(rh, oh, dev, align_corners) @ bilinear_matrix(h, h * cell, dev)[:rh]
+            mx = bilinear_matrix(rw, ow, dev, align_corners) @ bilinear_matrix(w, w * cell, dev)[:rw]
+            cols = torch.einsum("khw,xw->khx", logits.float(), mx)  # (K, h, W0)
         band = max(1, (1 << 24) // max(1, k * ow))
         labels = torch.empty(oh, ow, dtype=torch.uint8 if k <= 256 else torch.int32, device=dev)
         conf = torch.empty(oh, ow, dtype=torch.float32, device=dev)
         margin = torch.full((oh, ow), float("inf"), dtype=torch.float32, device=dev) if self.margins else None
         for y in range(0, oh, band):
-            scores = torch.einsum("yh,khx->kyx", my[y:y + band], cols)
+            scores = logits[:, y:y + band].float() if same else torch.einsum("yh,khx->kyx", my[y:y + band], cols)
             conf[y:y + band], labels[y:y + band] = scores.softmax(dim=0).max(dim=0)
             if margin is not None and k > 1:
                 top2 = scores.topk(2, dim=0).values

@@ -8,49 +8,43 @@ pixel takes a weighted mean of the logits of the 3x3 cells around its own, weigh
 boundaries snap to colour edges where the cells disagree. Where colours are alike it is a smooth
 interpolation; the logits themselves decide everything else.
 
-Memory is bounded: rows of cells are processed in bands (``K * 9 * band * W`` floats at a time).
+Per cell, one small matrix product: (K classes x 9 neighbours) @ (9 x the cell's pixels), batched
+over the cells: 9 multiply-adds per output logit, far less than the network that made the logits.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-_DY = torch.tensor([-1.0, -1.0, -1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
-_DX = torch.tensor([-1.0, 0.0, 1.0, -1.0, 0.0, 1.0, -1.0, 0.0, 1.0])
-
 
 def guided_upsample(logits: torch.Tensor, rgb: torch.Tensor, cell: int, sigma_colour: float = 0.1,
-                    sigma_space: float = 1.0, budget: int = 1 << 24) -> torch.Tensor:
+                    sigma_space: float = 1.0) -> torch.Tensor:
     """Logits (B, K, h, w) of ``cell``-pixel cells -> (B, K, h * cell, w * cell), guided by ``rgb``
-    (B, 3, h * cell, w * cell) in [0, 1]."""
+    (B, 3, >= h * cell, >= w * cell) in [0, 1]."""
     b, k, h, w = logits.shape
-    height, width = h * cell, w * cell
-    logits, rgb = logits.float(), rgb.float()[..., :height, :width]
-    colours = F.avg_pool2d(rgb, cell)  # (B, 3, h, w): each cell's mean colour
-    near_logits = _neighbours(logits)  # (B, K, 9, h, w)
-    near_colours = _neighbours(colours)  # (B, 3, 9, h, w)
+    n = b * h * w  # cells
+    logits, rgb = logits.float(), rgb.float()[..., :h * cell, :w * cell]
+    # the cell-major layout: cell i's pixels (3, cell * cell), its neighbours' colours (9, 3) and logits (K, 9)
+    pixels = rgb.reshape(b, 3, h, cell, w, cell).permute(0, 2, 4, 1, 3, 5).reshape(n, 3, cell * cell)
+    colours = _neighbours(F.avg_pool2d(rgb, cell)).permute(0, 3, 4, 2, 1).reshape(n, 9, 3)
+    near_logits = _neighbours(logits).permute(0, 3, 4, 1, 2).reshape(n, k, 9)
+    # |pixel - colour|^2 = |pixel|^2 - 2 pixel . colour + |colour|^2, the middle term a matrix product
+    distance = pixels.square().sum(1, keepdim=True) - 2 * torch.bmm(colours, pixels) + \
+        colours.square().sum(2, keepdim=True)  # (cells, 9, cell * cell)
     offset = (torch.arange(cell, dtype=torch.float32, device=logits.device) + 0.5) / cell - 0.5  # in cells
     dy, dx = _DY.to(logits.device), _DX.to(logits.device)
-    # spatial weight of neighbour n for a pixel at (oy, ox) inside its cell: (9, cell, cell)
-    space = torch.exp(-((offset[None, :, None] - dy[:, None, None]) ** 2 + (offset[None, None, :] - dx[:, None, None]) ** 2)
-                      / (2 * sigma_space ** 2))
-    out = logits.new_empty(b, k, height, width)
-    rows = max(1, budget // max(1, k * 9 * cell * width))  # cell rows per band
-    for r0 in range(0, h, rows):
-        r1 = min(h, r0 + rows)
-        n = r1 - r0
-        # every pixel of the band with its cell's 3x3 neighbourhood: (B, C, 9, n * cell, width)
-        lg = near_logits[:, :, :, r0:r1].repeat_interleave(cell, 3).repeat_interleave(cell, 4)
-        col = near_colours[:, :, :, r0:r1].repeat_interleave(cell, 3).repeat_interleave(cell, 4)
-        pixels = rgb[:, :, None, r0 * cell:r1 * cell]
-        colour = torch.exp(-((pixels - col) ** 2).sum(1) / (2 * sigma_colour ** 2))  # (B, 9, n*cell, width)
-        weight = colour * space.repeat(1, n, w)[None]
-        out[:, :, r0 * cell:r1 * cell] = (lg * weight[:, None]).sum(2) / weight.sum(1, keepdim=True).clamp_min(1e-12)
-    return out
+    space = ((offset[None, :, None] - dy[:, None, None]) ** 2 + (offset[None, None, :] - dx[:, None, None]) ** 2)
+    weight = torch.softmax(distance.clamp_min(0) / (-2 * sigma_colour ** 2)
+                           - space.view(1, 9, cell * cell) / (2 * sigma_space ** 2), dim=1)  # over the 9
+    per_cell = torch.bmm(near_logits, weight)  # (cells, K, cell * cell)
+    return per_cell.view(b, h, w, k, cell, cell).permute(0, 3, 1, 4, 2, 5).reshape(b, k, h * cell, w * cell)
+
+
+_DY = torch.tensor([-1.0, -1.0, -1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+_DX = torch.tensor([-1.0, 0.0, 1.0, -1.0, 0.0, 1.0, -1.0, 0.0, 1.0])
 
 
 def _neighbours(x: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) -> (B, C, 9, h, w): each cell's 3x3 neighbourhood (edges replicated)."""
     b, c, h, w = x.shape
-    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
-    return F.unfold(padded, 3).view(b, c, 9, h, w)
+    return F.unfold(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3).view(b, c, 9, h, w)
