@@ -350,3 +350,13 @@ def test_the_python_api_shows_a_tqdm_bar_unless_quiet(data, tiny_weights, small_
     assert "distill" in err and "2/2" in err, err
     train(make_config(data, tiny_weights, small_labelset, iters=2, quiet=True, out=str(data / "quiet")))
     assert "2/2" not in capfd.readouterr().err
+
+
+def test_how_the_student_labels_may_change_on_a_resumed_run(data, tiny_weights, small_labelset):
+    """--upsample only changes labelling (the losses read bilinear logits): a rerun with another one
+    continues from last.pt, and student.pt records the new one."""
+    train(make_config(data, tiny_weights, small_labelset, iters=2, upsample="guided"))
+    assert torch.load(data / "run" / "student.pt", weights_only=True)["arch"]["upsample"] == "guided"
+    train(make_config(data, tiny_weights, small_labelset, iters=3, upsample="bilinear"))
+    assert [r["iter"] for r in read_log(data / "run") if "loss" in r] == [1, 2, 3]
+    assert torch.load(data / "run" / "student.pt", weights_only=True)["arch"]["upsample"] == "bilinear"
