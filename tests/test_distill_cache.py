@@ -10,7 +10,8 @@ import torch
 
 from conftest import TINY_CONFIGS, write_images
 from seglabel.distill.cache import TeacherCache, nearest_level, scale_levels
-from seglabel.distill.data import Augment, Pair, PairDataset
+from seglabel.distill.data import Pair
+from seglabel.distill.dataset import Augment, PairDataset
 from seglabel.distill.teacher import Teacher
 from seglabel.images import load_image
 from seglabel.labelset import LabelSet

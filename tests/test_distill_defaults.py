@@ -14,7 +14,8 @@ from PIL import Image
 
 from conftest import TINY_CONFIGS, write_images
 from seglabel.distill import DistillConfig, default_iters, train
-from seglabel.distill.data import Augment, DataError, PairDataset, scan_pairs
+from seglabel.distill.data import DataError, scan_pairs
+from seglabel.distill.dataset import Augment, PairDataset
 from seglabel.distill.loss import colour_affinity_loss
 from seglabel.distill.plan import resolve_settings as resolve
 from seglabel.distill.teacher import Teacher, ignore_least_sure, resolve_teacher

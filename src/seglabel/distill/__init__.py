@@ -7,9 +7,9 @@
 
 The parts, each a file: ``config`` (the settings and the rules that choose them), ``plan`` (every
 setting resolved and checked once), ``teacher`` (rebuilt through annotate's recipe) and ``cache``
-(its labels per photo and scale), ``data`` (pairs, augmentation), ``loss``, ``backbone`` (the
-student's starting weights), ``state`` (last.pt, the run folder's files), ``train`` (the loop),
-``progress`` and ``validate``.
+(its labels per photo and scale), ``data`` (the pairs), ``dataset`` (samples and augmentation),
+``loss``, ``backbone`` (the student's starting weights), ``state`` (last.pt, the run folder's
+files), ``train`` (the loop), ``progress`` and ``validate``.
 """
 from .config import DistillConfig, default_iters, poly_lr, scheduled_lr
 from .data import DataError

@@ -66,11 +66,12 @@ class TeacherCache:
         return read_mask(mask_path, ignore_index), read_scores(conf_path), margin
 
     def build(self, teacher: Teacher, items: Sequence[tuple[str, Path]], identity: dict[str, Any],
-              rank: int = 0, world: int = 1, batch_size: int = 16) -> int:
-        """Label what is missing (this rank's share); returns how many photos were labelled."""
-        record = {"teacher": identity, "levels": self.levels, "base_size": self.base_size}
+              rank: int = 0, world: int = 1, batch_size: int = 16, barrier=lambda: None) -> int:
+        """Label what is missing (this rank's share, after rank 0 has checked the folder and every
+        rank passed ``barrier``); returns how many photos were labelled."""
         if rank == 0:
-            self._start(record)
+            self._start({"teacher": identity, "levels": self.levels, "base_size": self.base_size})
+        barrier()
         mine = list(items)[rank::world]
         done = 0
         for level in range(len(self.levels)):

@@ -22,7 +22,7 @@ from ..models.deeplab import DeepLabV2Student, StudentArch, encode_labelset, stu
 from .backbone import init_backbone
 from .cache import TeacherCache
 from .config import DistillConfig, scheduled_lr
-from .data import Augment, PairDataset, SampleNumbers, worker_init
+from .dataset import Augment, PairDataset, SampleNumbers, worker_init
 from .loss import colour_affinity_loss, segmentation_loss
 from .plan import Plan, plan
 from .progress import Progress
@@ -169,7 +169,8 @@ def _cache(p: Plan, teacher: Teacher) -> TeacherCache:
     cache = TeacherCache(p.out, p.levels, p.cfg.base_size)
     identity = {"model": p.cfg.teacher, "settings": _recorded(p, teacher)["teacher_settings"]}
     t0 = time.perf_counter()
-    n = cache.build(teacher, [(pair.key, pair.image) for pair in p.scan.pairs], identity, p.rank, p.world)
+    n = cache.build(teacher, [(pair.key, pair.image) for pair in p.scan.pairs], identity, p.rank, p.world,
+                    barrier=dist.barrier if p.world > 1 else lambda: None)
     if n:
         log.info(f"teacher: {n} photo labellings in {time.perf_counter() - t0:.0f} s")
     if p.world > 1:
