@@ -6,7 +6,7 @@
 #   2. distill: DeepLabv2-R101 training iterations/s at crop 512, batch 16, AMP; peak GPU memory;
 #      and the toy world's MaskCLIP+ loop on the GPU with both defaults (does the student beat its
 #      teacher there too): the CUDA default (ImageNet ResNet-101, cross-entropy alone; offline, give
-#      the weights file as BACKBONE_WEIGHTS=FILE) and the CPU default (ResNet-18/32, random init);
+#      the weights file as BACKBONE_WEIGHTS=FILE) and the CPU default (ResNet-18/16, random init);
 #   3. the test suite's CUDA-marked tests;
 #   4. how far GPU-decoded pixels and labels are from the CPU path's;
 #   5. the writers' speed per core on this machine's CPU.
@@ -120,8 +120,8 @@ if torch.cuda.is_available() and "cuda" in sys.argv:
 step "distill on the toy world, the CUDA defaults (ImageNet ResNet-101): teacher and student mIoU, speed" 150 \
   "$PY" benchmarks/toyworld/distill_quality.py "${TOY_DISTILL[@]}" "${TOY_CUDA_DEFAULTS[@]}"
 
-step "distill on the toy world, the CPU defaults (ResNet-18 width 32, random init, colour prior)" 120 \
-  "$PY" benchmarks/toyworld/distill_quality.py "${TOY_DISTILL[@]}" --depth 18 --width 32 --backbone-weights none
+step "distill on the toy world, the CPU defaults (ResNet-18 width 16, random init, colour prior, guided upsampling)" 120 \
+  "$PY" benchmarks/toyworld/distill_quality.py "${TOY_DISTILL[@]}" --depth 18 --width 16 --backbone-weights none --upsample guided
 
 CUDA_TESTS=$(grep -l "pytest.mark.cuda" tests/test_*.py | tr '\n' ' ')
 # shellcheck disable=SC2086

@@ -360,3 +360,16 @@ def test_how_the_student_labels_may_change_on_a_resumed_run(data, tiny_weights, 
     train(make_config(data, tiny_weights, small_labelset, iters=3, upsample="bilinear"))
     assert [r["iter"] for r in read_log(data / "run") if "loss" in r] == [1, 2, 3]
     assert torch.load(data / "run" / "student.pt", weights_only=True)["arch"]["upsample"] == "bilinear"
+
+
+def test_the_package_names_its_parts_without_shadowing_them():
+    """``seglabel.distill.train`` is the function whatever was imported before (issue 25 item 3: a
+    name that means a module or a function depending on import order); the loop is ``training``."""
+    import importlib
+
+    import seglabel.distill as distill
+
+    importlib.import_module("seglabel.distill.training")
+    assert callable(distill.train) and distill.train is importlib.import_module("seglabel.distill.training").train
+    for name in distill.__all__:
+        assert not isinstance(getattr(distill, name), type(distill)), name
