@@ -89,7 +89,7 @@ def run_mode(args: argparse.Namespace) -> dict:
     from seglabel.loader import decode_device
     from seglabel.models.registry import load_segmenter
     from seglabel.predict import Predictor, Protocol, prepare_image, resolve_device
-    from seglabel.writers import write_coco
+    from seglabel.records import write_coco
 
     labelset = load_labelset(args.labels)
     torch.manual_seed(0)  # the same random weights in every mode: their labels can be compared

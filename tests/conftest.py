@@ -112,3 +112,16 @@ target.{function} = gated
 main()
 """
     return [sys.executable, "-c", code]
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """A real Label Studio for the whole test session (tests/realtools.py), stopped at its end;
+    skipped with the reason where it is not installed."""
+    from realtools import LabelStudio, label_studio_executable
+
+    server = LabelStudio(label_studio_executable(), tmp_path_factory.mktemp("label-studio")).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -236,6 +236,7 @@ def test_bad_tree_through_the_cli(tmp_path, tiny_weights, small_labelset):
         Image.new("RGB", (8, 8)).save(os.path.join(os.fsencode(photos), LATIN1), format="JPEG")
     out = photos / "labels"  # inside the input, with images in it (as a previous run leaves)
     write_images(out, ["masks/old.png", "overlays/old.jpg"])
+    (out / "run.json").write_text('{"seglabel_version": "0.1.0", "status": "interrupted"}')  # seglabel's, then
     r = annotate([photos], out, small_labelset, tiny_weights, "tiny-vit", "--json", "--overlay")
     assert r.returncode == exitcodes.FAILURES, r.stderr
     assert "Traceback" not in r.stderr

@@ -1,11 +1,11 @@
 """`seglabel export`: CVAT, Label Studio and FiftyOne files, checked against each format's rules
-(how each importer reads them), not against the tools' SDKs."""
+(how each importer reads them). The real tools load them in test_labelstudio.py and
+test_export_real_tools.py."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
@@ -18,8 +18,8 @@ from PIL import Image
 
 from seglabel.exports.brush_rle import encode, encode_mask
 from seglabel.labelset import parse_labelset
-from seglabel.writers import (MASKS, RECORDS, RUN_FILE, encode_mask_png, image_record, write_bytes, write_coco,
-                              write_json)
+from seglabel.records import write_coco
+from seglabel.writers import MASKS, RECORDS, RUN_FILE, encode_mask_png, image_record, write_bytes, write_json
 from conftest import write_images
 from test_annotate_cli import annotate, run
 
@@ -288,77 +288,6 @@ def test_fiftyone_layout_reads_as_indices(tmp_path):
         np.testing.assert_array_equal(got, mask)
     confidence = json.loads((dest / "confidence.json").read_text())
     assert confidence == {data["a.jpg"]: 0.9, data["sub/b.jpg"]: 0.4}
-
-
-def test_fiftyone_loader_script_drives_the_api(tmp_path):
-    """load.py run against a recording stand-in for the fiftyone module: which dataset it makes
-    and how (FiftyOne itself is not installed for the tests)."""
-    out = make_output(tmp_path, street_masks(), confidence={"a": 0.9, "sub/b": 0.4})
-    export_files(out, "fiftyone")
-    dest = out / "export" / "fiftyone"
-    fake = tmp_path / "fake"
-    fake.mkdir()
-    (fake / "fiftyone.py").write_text(FAKE_FIFTYONE)
-    env = {**os.environ, "PYTHONPATH": str(fake)}
-    r = subprocess.run([sys.executable, str(dest / "load.py")], capture_output=True, text=True, env=env, timeout=60)
-    assert r.returncode == 0, r.stderr
-    calls = json.loads((fake / "calls.json").read_text())
-    assert calls["from_dir"]["dataset_type"] == "ImageSegmentationDirectory"
-    assert calls["from_dir"]["dataset_dir"] == str(dest)
-    assert calls["from_dir"]["data_path"] == "data.json" and calls["from_dir"]["labels_path"] == "labels"
-    assert calls["default_mask_targets"] == {"0": "background", "1": "road", "2": "person", "255": "ignore"}
-    assert {"intTarget": 2, "color": "#dc143c"} in calls["colors"]
-    assert calls["set_values"] == ["confidence", [0.9, 0.4]]
-    assert calls["sort_by"] == "confidence" and calls["launched"]
-
-
-FAKE_FIFTYONE = '''
-import json, os
-calls = {}
-HERE = os.path.dirname(os.path.abspath(__file__))
-def _save():
-    with open(os.path.join(HERE, "calls.json"), "w") as f:
-        json.dump(calls, f)
-class types:
-    ImageSegmentationDirectory = "ImageSegmentationDirectory"
-class ColorScheme:
-    def __init__(self, **kw):
-        calls["colors"] = kw["default_mask_targets_colors"]
-class _AppConfig:
-    color_scheme = None
-class Dataset:
-    @classmethod
-    def from_dir(cls, **kw):
-        calls["from_dir"] = kw
-        d = cls()
-        data = json.load(open(os.path.join(kw["dataset_dir"], kw["data_path"])))
-        d.paths = list(data.values())
-        return d
-    def __init__(self):
-        self.app_config = _AppConfig()
-    def __len__(self):
-        return len(self.paths)
-    def __setattr__(self, name, value):
-        if name == "default_mask_targets":
-            calls[name] = {str(k): v for k, v in value.items()}
-        object.__setattr__(self, name, value)
-    def values(self, field):
-        return list(self.paths)
-    def set_values(self, field, values):
-        calls["set_values"] = [field, values]
-    def save(self):
-        _save()
-    def sort_by(self, field):
-        calls["sort_by"] = field
-        return self
-def launch_app(view):
-    calls["launched"] = True
-    _save()
-    class Session:
-        def wait(self):
-            pass
-    return Session()
-'''
 
 
 # -- the mask-format trap -----------------------------------------------------------------------------

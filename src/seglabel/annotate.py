@@ -1,9 +1,11 @@
 """The labelling pipeline: inputs -> batches -> segmenter -> writers, resumable.
 
 An image is done when its record exists (written last, atomically) beside every other output
-the command asks for, so a rerun of the same command skips what is done and labels the rest
-(a rerun that adds ``--overlay`` relabels what lacks one); ``overwrite`` relabels everything.
-Nothing is written before every check passed: a refused run leaves ``out`` as it was.
+the command asks for and its photo is still the one it labelled, so a rerun of the same command
+skips what is done and labels the rest (a rerun that adds ``--overlay`` relabels what lacks one,
+a photo replaced since is labelled again); ``overwrite`` relabels everything, except masks a
+person corrected: those are never overwritten (``plan``, records.py). Nothing is written before
+every check passed: a refused run leaves ``out`` as it was.
 """
 from __future__ import annotations
 
@@ -22,20 +24,22 @@ import torch
 
 from . import __version__, exitcodes
 from .errors import interrupt_exit_code
-from .images import DEFAULT_MAX_PIXELS, ImageError, ImageItem
+from .images import DEFAULT_MAX_PIXELS, ImageError, ImageItem, printable
 from .interrupts import held
 from .labelset import LabelSet, parse_labelset
 from .loader import Loaded, decode_device, default_workers, load_images
 from .memory import MemoryCheck
 from .models.base import Segmenter
+from .layout import is_run_folder
 from .predict import Prediction, Predictor, Protocol, check_protocol, resolve_protocol, to_mask
+from .records import current_record, photo_change, read_record, read_record_head, write_coco, write_labelled
 from .runs import (RUNS, RunError, SettingsMismatch, check_settings, model_identity, read_records, record_path,
                    run_lock, settings_id, unfinished_shards)
 from .writers import (MASKS, OVERLAYS, PER_IMAGE, RECORDS, RUN_FILE, SCORES, BackgroundWriter, OutputError,
-                      encode_mask_png, encode_overlay_jpg, encode_scores_png, image_record,
-                      remove_stale_temporaries, write_bytes, write_coco, write_json)
+                      encode_overlay_jpg, encode_scores_png, remove_stale_temporaries, write_bytes, write_json)
 
-__all__ = ["AnnotateConfig", "SettingsMismatch", "Summary", "annotate", "merge", "outputs_of", "plan", "settings_of"]
+__all__ = ["AnnotateConfig", "Plan", "SettingsMismatch", "Summary", "annotate", "merge", "outputs_of", "plan",
+           "settings_of"]
 
 
 @dataclass
@@ -64,7 +68,9 @@ class Summary:
     total: int = 0
     labelled: int = 0
     skipped: int = 0
+    kept: int = 0  # masks corrected by a person, never relabelled
     failures: list[tuple[str, str]] = field(default_factory=list)
+    skipped_outputs: list[str] = field(default_factory=list)  # seglabel output folders under the inputs
     seconds: float = 0.0
     interrupted: bool = False
     interrupt_code: int | None = None  # 130 after Ctrl-C, 143 after SIGTERM
@@ -93,15 +99,64 @@ def outputs_of(out: Path, item: ImageItem, config: AnnotateConfig) -> list[Path]
     return paths + [out / RECORDS / f"{item.key}.json"]
 
 
-def plan(items: Sequence[ImageItem], config: AnnotateConfig) -> tuple[list[ImageItem], list[ImageItem]]:
-    """Split inputs into (to label, already done): done when every output asked for exists."""
-    if config.overwrite:
-        return list(items), []
+@dataclass
+class Plan:
+    todo: list[ImageItem] = field(default_factory=list)
+    done: list[ImageItem] = field(default_factory=list)
+    kept: list[ImageItem] = field(default_factory=list)  # corrected by a person: never relabelled
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    rewrites: list[tuple[Path, dict[str, Any]]] = field(default_factory=list)  # records to bring up to date
+    stale: set[str] = field(default_factory=set)  # keys of corrected masks whose photo changed: not in coco.json
+
+
+def plan(items: Sequence[ImageItem], config: AnnotateConfig, labelset: LabelSet) -> Plan:
+    """What a run does with each input (reads only; ``annotate`` applies ``rewrites``):
+
+    - no record, or no mask: label it;
+    - a mask a person corrected (its record says so, or the mask changed since its record: the
+      record is rewritten as corrected): kept, even with ``overwrite``; if its photo changed
+      since, a failure (the corrected mask is not overwritten);
+    - else label it when its photo changed since it was labelled (``records.photo_change``),
+      with ``overwrite``, or when an output the command asks for is missing; else it is done."""
     out = Path(config.out)
-    todo, done = [], []
+    result = Plan()
     for item in items:
-        (done if all(p.is_file() for p in outputs_of(out, item, config)) else todo).append(item)
-    return todo, done
+        _plan_image(out, item, config, labelset, result)
+    return result
+
+
+def _plan_image(out: Path, item: ImageItem, config: AnnotateConfig, labelset: LabelSet, plan: Plan) -> None:
+    record_file, mask_file = out / RECORDS / f"{item.key}.json", out / MASKS / f"{item.key}.png"
+    try:
+        record, st = read_record_head(record_file), os.stat(mask_file)
+    except (OutputError, OSError):  # not labelled yet, or a record or mask gone: label it (again)
+        plan.todo.append(item)
+        return
+    rewrite = None
+    known = record.get("mask") or {}
+    if (known.get("bytes"), known.get("mtime_ns")) != (st.st_size, st.st_mtime_ns):  # the mask changed?
+        now = current_record(out, item.key, labelset)
+        if now.problem:
+            plan.failures.append(now.problem)
+            return
+        record, rewrite = now.record, (now.record if now.edited else now.refresh)
+    change, photo = photo_change(record, item.path)
+    if record.get("corrected"):
+        if change:
+            plan.failures.append((printable(item.path), f"{change}, but its mask was corrected by hand and is kept; "
+                                  f"to label it again, delete {mask_file} and {record_file}"))
+            plan.stale.add(item.key)
+            return
+        plan.kept.append(item)
+    elif change or config.overwrite or not all(p.is_file() for p in outputs_of(out, item, config)):
+        plan.todo.append(item)
+        return
+    else:
+        plan.done.append(item)
+    if photo is not None:  # only touched: remember its new time, so the next rerun need not read it
+        rewrite = {**(rewrite or read_record(record_file)), "photo": photo}
+    if rewrite is not None:
+        plan.rewrites.append((record_file, rewrite))
 
 
 def settings_of(labelset: LabelSet, segmenter: Segmenter, config: AnnotateConfig) -> dict[str, Any]:
@@ -118,9 +173,10 @@ def settings_of(labelset: LabelSet, segmenter: Segmenter, config: AnnotateConfig
 
 def annotate(items: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSet, config: AnnotateConfig,
              problems: Sequence[ImageError] = (), on_image: Callable[[ImageItem, str | None], None] | None = None,
-             argv: Sequence[str] | None = None) -> Summary:
+             argv: Sequence[str] | None = None, skipped_outputs: Sequence[str] = ()) -> Summary:
     """Label ``items`` into ``config.out``; returns what happened. ``on_image(item, error)`` is
-    called after each image (error None on success) for progress reporting.
+    called after each image (error None on success) for progress reporting. ``skipped_outputs``:
+    seglabel output folders the inputs held (``images.Inputs``), for the summary.
 
     A pipeline: loader processes decode and resize, the model runs on batches of equal-size
     inputs, writer threads encode and write; an image is done when its record is written (last,
@@ -134,24 +190,31 @@ def annotate(items: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSe
         check_settings(out, settings)
         if config.cleanup:
             remove_stale_temporaries(out, None if config.part is None else _owned_by(out, items))
-        todo, done = plan(items, config)
-        summary = Summary(out=str(out), total=len(items) + len(problems), skipped=len(done))
+        planned = plan(items, config, labelset)
+        summary = Summary(out=str(out), total=len(items) + len(problems), skipped=len(planned.done),
+                          kept=len(planned.kept), skipped_outputs=list(skipped_outputs))
         summary.failures.extend((p.path, p.reason) for p in problems)
+        summary.failures.extend(planned.failures)
         previous = next((r for part, r in read_records(out) if part == config.part), {})
         roots = {r for r in previous.get("input_roots") or [] if isinstance(r, str)} | {item.root for item in items}
         record = _run_record(labelset, segmenter, config, settings, argv, sorted(roots))
         write_json(record_path(out, config.part), {**record, "status": "running"})
         start = time.perf_counter()
-        status = "failed"
+        status, error = "failed", None
         try:
-            _label(todo, segmenter, labelset, config, settings_id(settings), summary,
+            for path, rewritten in planned.rewrites:  # edited masks recorded as corrected, touched photos
+                write_json(path, rewritten)
+            _label(planned.todo, segmenter, labelset, config, settings_id(settings), summary,
                    on_image or (lambda item, error: None))
             status = "done"
         except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: what was in flight is written
             summary.interrupted, summary.interrupt_code, status = True, interrupt_exit_code(e), "interrupted"
+        except BaseException as e:
+            error = e
+            raise
         finally:
             summary.seconds = time.perf_counter() - start
-            _finish_run(out, labelset, config, record, status, summary)
+            _finish_run(out, labelset, config, record, status, summary, error, planned.stale)
     return summary
 
 
@@ -188,7 +251,8 @@ def _label(todo: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSet, 
                 continue
             if memory.crowded(*ld.size, writer.limit):  # a huge image is written alone
                 finished(writer.drain())
-            finished(writer.submit(ld.item, _write_image, out, ld.item, ld.rgb, pred, labelset, config, settings))
+            finished(writer.submit(ld.item, _write_image, out, ld.item, ld.rgb, pred, labelset, config, settings,
+                                   ld.photo))
 
     # Signals are held while images are in flight and acted on between them, so a stop never
     # falls between writing an image's record and counting it.
@@ -303,23 +367,68 @@ def _autocast(device: torch.device, precision: str):
 
 
 def _finish_run(out: Path, labelset: LabelSet, config: AnnotateConfig, record: dict[str, Any], status: str,
-                summary: Summary) -> None:
-    """coco.json (whole runs only) and the final run record, even after Ctrl-C or an error."""
+                summary: Summary, error: BaseException | None = None, stale: set[str] = frozenset()) -> None:
+    """coco.json (whole runs only; without the ``stale`` keys) and the final run record, even after
+    Ctrl-C or ``error`` (which goes on propagating). The run record always ends true: a write that
+    fails here (coco.json, or the run record itself) makes it ``failed`` with that error, which is
+    then raised."""
+    failure, own = (None if error is None else _error_line(error)), None
+    if config.part is None:
+        left_out: list[tuple[str, str]] = []
+        try:
+            write_coco(out, labelset, info=_coco_info(labelset, record), left_out=left_out, exclude=stale)
+        except OutputError as e:
+            if error is None:
+                own, failure, status = e, str(e), "failed"
+        reported = {path for path, _ in summary.failures}
+        summary.failures.extend(p for p in left_out if p[0] not in reported)
+    final = {**record, "status": status, **({"error": failure} if failure else {}), "summary": summary.to_dict()}
     try:
-        if config.part is None:
-            write_coco(out, labelset, info=_coco_info(labelset, record))
-        write_json(record_path(out, config.part), {**record, "status": status, "summary": summary.to_dict()})
+        _write_run_record(record_path(out, config.part), final)
     except OutputError:
-        if status != "failed":  # a write error of its own; else the first error is the one to report
+        if error is None and own is None:
             raise
+    if own is not None:
+        raise own
 
 
-def merge(out: str | Path) -> int:
+def _write_run_record(path: Path, final: dict[str, Any]) -> None:
+    """The run record; when even that cannot be written (a full disk, a size limit), a compact one
+    saying ``failed`` and why, so run.json never stays ``running`` after the run ended."""
+    try:
+        write_json(path, final)
+        return
+    except OutputError as e:
+        first = e
+    core = {k: final[k] for k in ("seglabel_version", "started", "argv", "cwd", "input_roots", "model", "settings",
+                                  "part", "labelset") if k in final}
+    why = final.get("error") or str(first)
+    for smaller in ({**core, "status": "failed", "error": why, "summary": final.get("summary")},
+                    {**{k: core[k] for k in ("seglabel_version", "settings", "part") if k in core},
+                     "status": "failed", "error": why}):
+        try:
+            write_json(path, smaller, indent=None)
+            break
+        except OutputError:
+            continue
+    raise first
+
+
+def _error_line(error: BaseException) -> str:
+    return str(error) if isinstance(error, OutputError) else f"{type(error).__name__}: {error}"
+
+
+def merge(out: str | Path, left_out: list[tuple[str, str]] | None = None) -> int:
     """Assemble ``OUT/coco.json`` from the records of every shard; returns the number of images.
-    Refused while shards are missing, unfinished or running."""
+    Refused while shards are missing, unfinished or running, and in a folder seglabel did not
+    write. Images whose mask cannot be used are left out and added to ``left_out`` (path, reason)
+    (without it: refused). A write error leaves run.json ``failed`` with the error."""
     out = Path(out)
     if not (out / RUNS).is_dir():
         raise RunError(f"{out}: no shard records in {out / RUNS}; nothing to merge")
+    if not is_run_folder(out):
+        raise RunError(f"{out}: not written by seglabel (no run.json or shard records of a seglabel run); "
+                       "nothing to merge")
     with run_lock(out, None):
         remove_stale_temporaries(out)  # no part is running: whatever is left is stale
         _, problems = unfinished_shards(out)
@@ -329,27 +438,31 @@ def merge(out: str | Path) -> int:
         first = parts[sorted(parts)[0]]
         labelset = parse_labelset(first["labelset"], source=first.get("labelset_source") or str(out))
         check_settings(out, first["settings"])
-        n = write_coco(out, labelset, info=_coco_info(labelset, first))
         roots = sorted({root for r in parts.values() for root in r.get("input_roots") or []})
+        record = {**first, "part": None, "merged": sorted(parts), "input_roots": roots}
         # Each part's record holds its latest run: failures still standing after any reruns.
-        write_json(out / RUN_FILE, {**first, "part": None, "status": "done", "merged": sorted(parts),
-                                    "input_roots": roots, "summary": {
-            "out": str(out), "images": n,
-            "failures": [f for r in parts.values() for f in r.get("summary", {}).get("failures", [])]}})
+        failures = [f for r in parts.values() for f in r.get("summary", {}).get("failures", [])]
+        summary = {"out": str(out), "failures": failures}
+        try:
+            n = write_coco(out, labelset, info=_coco_info(labelset, first), left_out=left_out)
+        except OutputError as e:
+            with contextlib.suppress(OutputError):  # the first error is the one to report
+                _write_run_record(out / RUN_FILE, {**record, "status": "failed", "error": str(e), "summary": summary})
+            raise e
+        _write_run_record(out / RUN_FILE, {**record, "status": "done", "summary": {**summary, "images": n}})
     return n
 
 
 def _write_image(out: Path, item: ImageItem, rgb, pred: Prediction, labelset: LabelSet, config: AnnotateConfig,
-                 settings: str) -> None:
+                 settings: str, photo: dict[str, Any] | None = None) -> None:
     mask = to_mask(pred, labelset, config.min_confidence)
-    write_bytes(out / MASKS / f"{item.key}.png", encode_mask_png(mask))
     if config.save_scores:
         write_bytes(out / SCORES / f"{item.key}.png", encode_scores_png(pred.confidence))
     if config.overlay:
         write_bytes(out / OVERLAYS / f"{item.key}.jpg", encode_overlay_jpg(rgb, mask, labelset))
-    # The settings fingerprint first: the settings check reads only the head of each record.
-    record = {"settings_id": settings, **image_record(item.rel, mask, pred.confidence, labelset)}
-    write_json(out / RECORDS / f"{item.key}.json", record)
+    height, width = mask.shape
+    write_labelled(out, item.key, item.rel, mask, labelset, settings_id=settings, confidence=pred.confidence,
+                   photo=None if photo is None else {"width": width, "height": height, **photo})
 
 
 def _run_record(labelset: LabelSet, segmenter: Segmenter, config: AnnotateConfig,

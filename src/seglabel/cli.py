@@ -155,16 +155,22 @@ def annotate(
     if shard_spec and shard_spec[0] != 0:
         found.problems = []  # unreadable list entries are reported once, by shard 0
     if not found.items and not found.problems:
-        raise UsageError("no images found (looked for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
+        skipped = f"; {len(found.skipped_outputs)} seglabel output folders skipped" if found.skipped_outputs else ""
+        raise UsageError("no images found (looked for " + ", ".join(sorted(IMAGE_SUFFIXES)) + skipped + ")")
     if dry_run:
         return _print_plan(plan_run(recipe, found.items, checked), found.problems, as_json)
     ready = prepare(recipe, checked)
+    for warning in ready.segmenter.label_warnings:  # classes this model's tokenizer cannot tell apart
+        say(warning, "warning")
     with _progress(len(found.items), bar=not (quiet or as_json), report=not quiet) as on_image:
         summary = run_annotate(found.items, ready.segmenter, ready.labelset, ready.config, found.problems,
-                               on_image, sys.argv)
+                               on_image, sys.argv, skipped_outputs=found.skipped_outputs)
     if as_json:
         typer.echo(_json(summary.to_dict()))
-    elif not quiet:
+    if quiet:  # no progress and no summary, but never silent about what failed
+        for path, reason in summary.failures:
+            typer.echo(one_line(f"failed: {path}: {reason}"), err=True)
+    elif not as_json:
         _print_summary(summary)
     return summary.exit_code
 
@@ -175,9 +181,11 @@ def merge(out: Path = typer.Argument(..., help="Output folder the shards wrote i
     """Write OUT/coco.json from every shard's records, once all shards have finished."""
     from .annotate import merge as merge_shards
 
-    n = merge_shards(out)
+    left_out: list[tuple[str, str]] = []
+    n = merge_shards(out, left_out)
+    _print_left_out(left_out)
     typer.echo(f"{n} images -> {out / 'coco.json'}", err=True)
-    return exitcodes.OK
+    return exitcodes.FAILURES if left_out else exitcodes.OK
 
 
 @app.command("eval")
@@ -185,16 +193,22 @@ def merge(out: Path = typer.Argument(..., help="Output folder the shards wrote i
 def evaluate(
     pred: Path = typer.Option(..., "--pred", help="annotate's output folder, or a folder of mask PNGs."),
     gt: Path = typer.Option(..., "--gt", help="Folder of ground-truth mask PNGs (same relative paths)."),
-    labels: Path = typer.Option(..., "--labels", "-l", help="Label set YAML the masks use."),
+    labels: Optional[Path] = typer.Option(None, "--labels", "-l", help="Label set YAML the masks use (default: "
+                                          "the one in --pred's run.json; needed for a folder of mask PNGs)."),
     id_map: Optional[Path] = typer.Option(None, "--id-map", help="YAML/JSON map: ground-truth id -> class index or name."),
+    map_by_name: bool = flag("--map-by-name", help="With --pred a run and -l another label set: score each of the "
+                             "run's classes as the -l class of the same name (others: ignored)."),
     as_json: bool = flag("--json", help="Print the scores as JSON on stdout."),
 ) -> int:
     """Score predicted masks against ground truth: per-class IoU, mIoU, pixel accuracy."""
-    from .evaluate import evaluate_folders, load_id_map, render_table
+    from .evaluate import EvalError, evaluate_folders, load_id_map, render_table, run_labelset
 
-    labelset = load_labelset(labels)
+    labelset = load_labelset(labels) if labels else run_labelset(pred)
+    if labelset is None:
+        raise EvalError(f"--pred {pred}: not a seglabel run (no run.json with its label set); give --labels, the "
+                        "label set the masks use")
     mapping = load_id_map(id_map, labelset) if id_map else None
-    result = evaluate_folders(pred, gt, labelset, mapping)
+    result = evaluate_folders(pred, gt, labelset, mapping, map_by_name=map_by_name)
     if as_json:
         typer.echo(_json(result.to_dict()))
     else:
@@ -208,8 +222,18 @@ def evaluate(
 
 @labelsets_app.command("check")
 @guarded
-def labelsets_check(files: List[Path] = typer.Argument(..., help="Label set YAML files.")) -> int:
-    """Validate label sets; each error names the file, the line and the problem."""
+def labelsets_check(
+    files: List[Path] = typer.Argument(..., help="Label set YAML files."),
+    model: str = typer.Option("maskclip:ViT-B-16", "--model", "-m", help="maskclip:NAME whose tokenizer decides "
+                              "which prompts are the same text to the model (CLIP's, cut at 77 tokens, by default)."),
+    model_config: Optional[Path] = typer.Option(None, "--model-config", help="open_clip model config JSON of "
+                                                "--model to register."),
+) -> int:
+    """Validate label sets; each error names the file, the line and the problem. Classes the
+    model's tokenizer cannot tell apart are warned about."""
+    from .text import indistinct_warnings, labelset_templates
+
+    tokenize = _tokenizer(model, model_config)
     bad = 0
     for f in files:
         try:
@@ -217,10 +241,32 @@ def labelsets_check(files: List[Path] = typer.Argument(..., help="Label set YAML
             typer.echo(f"{f}: ok, {len(ls)} classes, {len(ls.prompts)} prompts")
             for warning in ls.warnings:
                 say(warning, "warning")
+            for warning in indistinct_warnings(ls, tokenize, labelset_templates(ls), f"{model}'s text encoder"):
+                say(warning, "warning")
         except LabelSetError as e:
             say(str(e))
             bad += 1
     return exitcodes.USAGE if bad else exitcodes.OK
+
+
+def _tokenizer(model: str, model_config: Optional[Path]):
+    """The tokenizer of a ``maskclip:NAME`` model (open_clip's; no weights are read)."""
+    kind, _, name = model.partition(":")
+    if kind != "maskclip" or not name:
+        raise UsageError(f"--model {model}: labelsets check reads the tokenizer of maskclip:NAME models "
+                         "(LSeg and students use CLIP's, the default)")
+    import open_clip
+
+    from .models.clip import register_model_config
+
+    if model_config is not None:
+        register_model_config(model_config)
+    if name not in open_clip.list_models():
+        raise UsageError(f"--model {model}: unknown open_clip model {name!r} (give --model-config for your own)")
+    try:
+        return open_clip.get_tokenizer(name)
+    except Exception as e:  # noqa: BLE001 - a tokenizer that must be downloaded, offline: one line
+        raise UsageError(f"--model {model}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
 
 
 @app.command("models")
@@ -263,12 +309,15 @@ def _print_plan(plan, input_problems, as_json: bool) -> int:
     problems = list(input_problems) + plan.problems
     if as_json:
         typer.echo(_json({"todo": [str(i.path) for i in plan.todo], "done": [str(i.path) for i in plan.done],
+                          "kept": [str(i.path) for i in plan.kept],
                           "problems": [{"path": p.path, "reason": p.reason} for p in problems]}))
     else:
         for item in plan.todo:
             typer.echo(one_line(f"label  {item.path}"))
         for item in plan.done:
             typer.echo(one_line(f"skip   {item.path}"))
+        for item in plan.kept:
+            typer.echo(one_line(f"keep   {item.path}"))
         for p in problems:
             typer.echo(one_line(f"error  {p}"))
         typer.echo(f"{len(plan.todo)} to label, {len(plan.done)} done, {len(problems)} problems", err=True)
@@ -322,10 +371,21 @@ def _interrupted(summary) -> str:
 
 def _print_summary(summary) -> None:
     rate = f", {summary.labelled / summary.seconds:.2f} images/s" if summary.seconds and summary.labelled else ""
-    typer.echo(f"{summary.labelled} labelled, {summary.skipped} already done, {len(summary.failures)} failed"
+    kept = f", {summary.kept} kept as corrected" if summary.kept else ""
+    typer.echo(f"{summary.labelled} labelled, {summary.skipped} already done{kept}, {len(summary.failures)} failed"
                f"{rate} -> {summary.out}" + _interrupted(summary), err=True)
+    if summary.skipped_outputs:
+        shown = ", ".join(summary.skipped_outputs[:3]) + (", ..." if len(summary.skipped_outputs) > 3 else "")
+        typer.echo(one_line(f"  {len(summary.skipped_outputs)} seglabel output folders under the inputs were "
+                            f"skipped (never labelled as photos): {shown}"), err=True)
     for path, reason in summary.failures:
         typer.echo(one_line(f"  failed: {path}: {reason}"), err=True)
+
+
+def _print_left_out(left_out) -> None:
+    """Images a reader of a run left out (their mask cannot be used), one line each."""
+    for path, reason in left_out:
+        typer.echo(one_line(f"left out: {path}: {reason}"), err=True)
 
 
 @app.command("preview")
@@ -343,6 +403,7 @@ def preview(
     from .review import build_preview
 
     result = build_preview(out, images, per_page=per_page, jobs=jobs)
+    _print_left_out(result.left_out)
     if result.missing_photos:
         typer.echo(one_line(f"{len(result.missing_photos)} photos not found, drawn on grey (first: "
                             f"{result.missing_photos[0]}); pass --images DIR"), err=True)
@@ -351,33 +412,41 @@ def preview(
     if open_browser and not webbrowser.open(result.index.resolve().as_uri()):
         say(f"--open: no web browser found on this machine; open {result.index.resolve().as_uri()} in one "
             f"(or copy {result.index.parent} to a machine that has one)", "warning")
-    return exitcodes.OK
+    return exitcodes.FAILURES if result.left_out else exitcodes.OK
 
 
 @app.command("export")
 @guarded
 def export(
     out: Path = typer.Argument(..., help="annotate's output folder."),
-    fmt: str = typer.Option(..., "--format", "-f", help="cvat, labelstudio or fiftyone."),
+    fmt: str = typer.Option(..., "--format", "-f", help="cvat, labelstudio, fiftyone, hf (Hugging Face dataset) or webdataset."),
     dest: Optional[Path] = typer.Option(None, "--dest", help="Output folder (default: OUT/export/FORMAT)."),
     images: List[Path] = typer.Option([], "--images", help="Folder the photos were labelled from (if not where run.json says)."),
     document_root: Optional[Path] = typer.Option(None, "--document-root",
                                                  help="labelstudio: LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; image paths relative to it."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1,
+                                             help="hf, webdataset: images per shard (default 1000; shards also stop near 500 MB)."),
 ) -> int:
-    """Export the labels for review in CVAT, Label Studio or FiftyOne."""
+    """Export the labels for review in CVAT, Label Studio or FiftyOne, or as a training data set
+    (Hugging Face dataset, WebDataset shards)."""
     from .exports import export as run_export
 
-    result = run_export(out, fmt, dest, images, document_root)
+    result = run_export(out, fmt, dest, images, document_root, shard_size=shard_size)
+    _print_left_out(result.left_out)
     for note in result.notes:
         typer.echo(one_line(note), err=True)
     typer.echo(f"{result.images} images -> {result.dest}", err=True)
     typer.echo(str(result.dest))
-    return exitcodes.OK
+    return exitcodes.FAILURES if result.left_out else exitcodes.OK
 
 
 from .cli_distill import distill  # noqa: E402  (its heavy imports are inside the command)
 
 app.command("distill")(distill)
+
+from .cli_serve import serve_command  # noqa: E402  (annotate's model flags, the same objects)
+
+app.command("serve")(serve_command(annotate))
 
 
 def main(argv: list[str] | None = None) -> None:

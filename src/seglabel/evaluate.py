@@ -5,6 +5,11 @@ Masks are single-channel PNGs whose pixel values are class indices of the label 
 254 classes, where 255 is a real class). Predictions and ground truth are matched by relative
 path, and one confusion matrix is accumulated over the whole set, one image pair at a time.
 
+When ``pred`` is a seglabel run, its masks are scored under the label set that made them (its
+run.json), each through its record as the mask now is (records.py: a mask whose photo changed since
+it was labelled, or that holds a value that is no class, is skipped with the reason). Another
+label set is refused, unless asked to map the run's classes to it by name (``map_by_name``).
+
 Ground truth that uses other ids (VOC, Cityscapes, COCO-Stuff ...) is translated with an id map,
 a YAML or JSON mapping ``gt id -> class index | class name | null``::
 
@@ -25,7 +30,10 @@ import yaml
 from PIL import Image
 
 from .errors import UsageError
-from .labelset import IGNORE_INDEX, IGNORE_INDEX_16BIT, LabelSet, load_labelset
+from .images import printable
+from .labelset import IGNORE_INDEX, IGNORE_INDEX_16BIT, LabelSet, LabelSetError, load_labelset, name_key, parse_labelset
+from .layout import MASKS, RUN_FILE
+from .records import current_record, iter_records, photo_change
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -77,7 +85,7 @@ def parse_id_map(data: Any, labelset: LabelSet | None = None, source: str = "<id
     if not isinstance(data, dict) or not data:
         raise EvalError(f"{source}: an id map is a non-empty mapping 'gt id: class index or name'")
     ignore = labelset.ignore_index if labelset is not None else IGNORE_INDEX
-    by_name = {n.casefold(): i for i, n in enumerate(labelset.names)} if labelset is not None else {}
+    by_name = {name_key(n): i for i, n in enumerate(labelset.names)} if labelset is not None else {}
     out: dict[int, int] = {}
     for raw_key, value in data.items():
         key = _id_key(raw_key, source)
@@ -89,7 +97,7 @@ def parse_id_map(data: Any, labelset: LabelSet | None = None, source: str = "<id
             if labelset is None:
                 raise EvalError(f"{source}: gt id {key} maps to class name {value!r}, "
                                 f"which needs a label set to resolve")
-            index = by_name.get(value.strip().casefold())
+            index = by_name.get(name_key(value.strip()))
             if index is None:
                 raise EvalError(f"{source}: gt id {key} maps to unknown class {value!r} "
                                 f"(label set '{labelset.name}')")
@@ -192,17 +200,33 @@ def _num(x: float) -> float | None:
 
 
 # -- evaluation -------------------------------------------------------------------------------
-def evaluate_folders(pred: str | Path, gt: str | Path, labelset: LabelSet | str | Path,
-                     id_map: Mapping[int, int] | str | Path | None = None, *,
+def evaluate_folders(pred: str | Path, gt: str | Path, labelset: LabelSet | str | Path | None = None,
+                     id_map: Mapping[int, int] | str | Path | None = None, *, map_by_name: bool = False,
                      progress: Callable[[int, int], None] | None = None) -> EvalResult:
     """Score the masks under ``pred`` against those under ``gt``.
 
-    ``pred`` is an annotate output folder (its ``masks/`` is used) or a folder of mask PNGs.
+    ``pred`` is an annotate output folder (its masks, under the label set of its run.json) or a
+    folder of mask PNGs (then ``labelset`` is needed). A ``labelset`` other than the run's is
+    refused unless ``map_by_name``: then each of the run's classes is scored as the class of
+    ``labelset`` of the same name (``labelset.name_key``), and classes it lacks count as ignored.
     ``id_map`` translates GT ids (a mapping as ``load_id_map`` returns, or its file).
     ``progress(done, total)`` is called after each matched pair.
     """
-    if not isinstance(labelset, LabelSet):
+    made_with = run_labelset(pred)
+    if labelset is None:
+        if made_with is None:
+            raise EvalError(f"{pred}: not a seglabel run (no {RUN_FILE} with its label set); give --labels, the "
+                            "label set the masks use")
+        labelset = made_with
+    elif not isinstance(labelset, LabelSet):
         labelset = load_labelset(labelset)
+    pred_lut = None
+    if made_with is not None and [name_key(c) for c in made_with.names] != [name_key(c) for c in labelset.names]:
+        if not map_by_name:
+            raise EvalError(f"-l {labelset.source}: its classes ({_names(labelset)}) are not those {pred} was "
+                            f"labelled with ({_names(made_with)}, its {RUN_FILE}); leave -l out to score under the "
+                            "run's own, or give --map-by-name to score each class under the name it has in -l")
+        pred_lut = _by_name(made_with, labelset)
     n = len(labelset)
     if n * (n + 1) > _MAX_CONFUSION_ENTRIES:
         raise EvalError(f"{labelset.source}: {n} classes is too many for a confusion matrix")
@@ -213,9 +237,14 @@ def evaluate_folders(pred: str | Path, gt: str | Path, labelset: LabelSet | str 
     lut8, lut16 = _gt_luts(labelset, id_map)
 
     pred_dir, gt_dir = Path(pred), Path(gt)
-    if (pred_dir / "masks").is_dir():
-        pred_dir = pred_dir / "masks"
-    pred_files, gt_files = _masks(pred_dir, "predictions"), _masks(gt_dir, "ground truth")
+    skipped: list[tuple[str, str]] = []
+    if made_with is not None and (pred_dir / MASKS).is_dir():
+        pred_files = _run_masks(pred_dir, made_with, skipped)
+        pred_dir = pred_dir / MASKS
+    else:
+        pred_dir = pred_dir / MASKS if (pred_dir / MASKS).is_dir() else pred_dir
+        pred_files = _masks(pred_dir, "predictions")
+    gt_files = _masks(gt_dir, "ground truth")
     matched = [k for k in gt_files if k in pred_files]
     if not matched:
         raise EvalError(f"no predicted mask matches a ground-truth mask: {pred_dir} has "
@@ -224,7 +253,6 @@ def evaluate_folders(pred: str | Path, gt: str | Path, labelset: LabelSet | str 
 
     # GT class in rows, predicted class in columns; column n collects predicted ignore
     counts = np.zeros(n * (n + 1), dtype=np.int64)
-    skipped: list[tuple[str, str]] = []
     warnings: list[tuple[str, str]] = []
     images = 0
     for done, key in enumerate(matched, 1):
@@ -233,6 +261,8 @@ def evaluate_folders(pred: str | Path, gt: str | Path, labelset: LabelSet | str 
         except _Skip as e:
             skipped.append((key, str(e)))
         else:
+            if pred_lut is not None:
+                p = pred_lut[p]
             pair_counts, notes = _score(p, g, lut8, lut16, labelset)
             counts += pair_counts
             warnings += [(key, note) for note in notes]
@@ -240,7 +270,7 @@ def evaluate_folders(pred: str | Path, gt: str | Path, labelset: LabelSet | str 
         if progress is not None:
             progress(done, len(matched))
     if not images:
-        path, reason = skipped[0]
+        path, reason = next((k, r) for k, r in skipped if k in matched)
         raise EvalError(f"no image could be scored: all {len(matched)} matched masks were skipped "
                         f"(first: {path}: {reason})")
 
@@ -250,6 +280,63 @@ def evaluate_folders(pred: str | Path, gt: str | Path, labelset: LabelSet | str 
         missing_pred=[k for k in gt_files if k not in pred_files],
         missing_gt=[k for k in pred_files if k not in gt_files],
         skipped=skipped, warnings=warnings)
+
+
+def run_labelset(folder: str | Path) -> LabelSet | None:
+    """The label set a seglabel run was labelled with (its run.json), or None for a folder that
+    is no run."""
+    path = Path(folder) / RUN_FILE
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise EvalError(f"{path}: unreadable run record ({e})") from None
+    if not isinstance(run, dict) or "labelset" not in run:
+        return None
+    try:
+        return parse_labelset(run["labelset"], source=str(path))
+    except LabelSetError as e:
+        raise EvalError(f"{path}: bad label set ({e})") from None
+
+
+def _names(labelset: LabelSet, limit: int = 8) -> str:
+    names = labelset.names
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} classes)" if len(names) > limit else "")
+
+
+def _by_name(made_with: LabelSet, labelset: LabelSet) -> np.ndarray:
+    """Lookup table: the run's class index -> ``labelset``'s index of the same name, else ignore."""
+    index = {name_key(c): i for i, c in enumerate(labelset.names)}
+    lut = np.full(IGNORE_INDEX_16BIT + 1, IGNORE_INDEX_16BIT, dtype=np.uint16)
+    for i, name in enumerate(made_with.names):
+        lut[i] = index.get(name_key(name), IGNORE_INDEX_16BIT)
+    return lut
+
+
+def _run_masks(run: Path, labelset: LabelSet, skipped: list[tuple[str, str]]) -> dict[str, Path]:
+    """The masks of a run's labelled images (those with a record), keyed as ``_masks`` keys them;
+    a mask that cannot stand for its image (records.current_record), or whose photo changed since
+    it was labelled, goes to ``skipped``."""
+    try:
+        record = json.loads((run / RUN_FILE).read_text(encoding="utf-8"))
+        roots = [Path(r) for r in record.get("input_roots") or [] if isinstance(r, str)]
+    except (OSError, ValueError, AttributeError):
+        roots = []
+    out: dict[str, Path] = {}
+    for key, _ in iter_records(run):
+        now = current_record(run, key, labelset)
+        name = f"{key}.png"
+        if now.problem:
+            skipped.append((name, f"{printable(now.problem[0])}: {now.problem[1]}"))
+            continue
+        photo = next((r / now.record["file_name"] for r in roots if (r / now.record["file_name"]).is_file()), None)
+        change = photo_change(now.record, photo)[0] if photo is not None else ""
+        if change:
+            skipped.append((name, f"its photo {printable(photo)} {change}: the mask is stale"))
+            continue
+        out[name] = run / MASKS / name
+    return out
 
 
 def _score(p: np.ndarray, g: np.ndarray, lut8: np.ndarray, lut16: np.ndarray,

@@ -1,12 +1,14 @@
 """Finding the images to label and reading them as RGB, whatever the file holds."""
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import stat
 import sys
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Iterator
 
@@ -14,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UsageError
-from .layout import PER_IMAGE
+from .layout import OUTPUT_FOLDERS, PER_IMAGE, is_run_folder
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 DEFAULT_MAX_PIXELS = 178_956_970  # twice PIL's own decompression-bomb warning level
@@ -70,6 +72,7 @@ class ImageItem:
 class Inputs:
     items: list[ImageItem]
     problems: list[ImageError]  # inputs that exist but cannot be used (missing list entries, clashes)
+    skipped_outputs: list[str] = field(default_factory=list)  # seglabel output folders found, not labelled
 
 
 def find_images(paths: Iterable[str | Path] = (), listed: Iterable[str] = (),
@@ -87,19 +90,26 @@ def find_images(paths: Iterable[str | Path] = (), listed: Iterable[str] = (),
     each folder entered once (no loops, no duplicates). Unreadable folders, inputs that are not
     regular files (FIFOs, devices) and file names that are not UTF-8 become problems, so nothing
     is skipped silently. Two inputs whose outputs would clash keep the first in sorted order;
-    the others become problems."""
+    the others become problems.
+
+    seglabel's own outputs are never inputs: an output folder (``masks/``, ``overlays/``...) of a
+    folder that ``layout.is_run_folder`` recognises is not walked, and files given or listed inside
+    one are left out; those folders are listed in ``skipped_outputs``. List entries are reported as
+    written (URLs too, which are not read)."""
     excluded = [os.path.realpath(p) for p in exclude]
     base = os.path.abspath(root) if root is not None else None
     if base is not None and not os.path.isdir(base):
         raise UsageError(f"--root {printable(root)}: no such folder")
     found: list[ImageItem] = []
     problems: list[ImageError] = []
+    outputs = _OutputFolders()
     for p in map(Path, paths):
         under = _under(base, p, "given") if base is not None else None
         if p.is_dir():
-            found.extend(_walk(p, excluded, problems, prefix=under or ""))
+            found.extend(_walk(p, excluded, problems, outputs, prefix=under or ""))
         elif p.is_file():
-            found.append(ImageItem(p, under or p.name))
+            if not outputs.holds(p):
+                found.append(ImageItem(p, under or p.name))
         elif os.path.lexists(p):
             problems.append(ImageError(p, _not_regular(p)))
         else:
@@ -108,13 +118,19 @@ def find_images(paths: Iterable[str | Path] = (), listed: Iterable[str] = (),
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
+        if _URL.match(entry):
+            problems.append(ImageError(entry, "a URL: seglabel reads local files only (download it, then list the file)"))
+            continue
         p = Path(base, entry) if base is not None else Path(entry)
+        looked = "" if str(p) == entry else f" (looked for {printable(p)})"
         if not p.is_file():
-            problems.append(ImageError(p, _not_regular(p) if os.path.lexists(p) else "listed but not found"))
+            problems.append(ImageError(entry, (_not_regular(p) if os.path.lexists(p) else "listed but not found") + looked))
+        elif outputs.holds(p):
+            continue
         elif base is None:
             found.append(ImageItem(p, PurePosixPath(os.path.abspath(p)).relative_to("/").as_posix()))
         elif (rel := _under(base, p, "listed", strict=False)) is None:
-            problems.append(ImageError(p, f"listed, but not inside --root {printable(base)}"))
+            problems.append(ImageError(entry, f"listed, but not inside --root {printable(base)}{looked}"))
         else:
             found.append(ImageItem(p, rel))
     found.sort(key=lambda item: (item.rel, str(item.path)))
@@ -129,7 +145,41 @@ def find_images(paths: Iterable[str | Path] = (), listed: Iterable[str] = (),
             continue
         owner[item.key] = item.path
         items.append(item)
-    return Inputs(items, problems)
+    return Inputs(items, problems, sorted(outputs.skipped))
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+class _OutputFolders:
+    """Which folders are seglabel's outputs (an output folder name inside a run folder), asked
+    once per folder; the ones met are remembered in ``skipped``."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, bool] = {}
+        self.inside: dict[str, bool] = {}
+        self.skipped: set[str] = set()
+
+    def is_output(self, folder: str) -> bool:
+        """Whether ``folder`` (as spelled) is an output folder of a seglabel run."""
+        parent, name = os.path.split(folder.rstrip(os.sep))
+        if name not in OUTPUT_FOLDERS:
+            return False
+        if parent not in self.runs:
+            self.runs[parent] = is_run_folder(parent or os.curdir)
+        if self.runs[parent]:
+            self.skipped.add(folder.rstrip(os.sep))
+        return self.runs[parent]
+
+    def holds(self, path: Path) -> bool:
+        """Whether file ``path`` lies inside an output folder of a seglabel run."""
+        return self._inside(os.path.dirname(os.path.abspath(path)))
+
+    def _inside(self, folder: str) -> bool:
+        if folder not in self.inside:
+            up = os.path.dirname(folder)
+            self.inside[folder] = self.is_output(folder) or (up != folder and self._inside(up))
+        return self.inside[folder]
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -140,12 +190,21 @@ def _under(base: str, path: Path, how: str, strict: bool = True) -> str | None:
     """``path`` relative to ``base`` as a posix path ("" for ``base`` itself); outside ``base``:
     None, or with ``strict`` a refusal (a path given on the command line)."""
     path_abs = os.path.abspath(path)
-    if _inside(path_abs, base):
-        rel = os.path.relpath(path_abs, base)
-        return "" if rel == "." else PurePosixPath(rel).as_posix()
+    for spelled, folder in ((path_abs, base), (_real(path_abs), os.path.realpath(base))):
+        # as spelled first; then with links resolved, so a root or an entry spelled through a
+        # symbolic link (either side) gives the same output path
+        if _inside(spelled, folder):
+            rel = os.path.relpath(spelled, folder)
+            return "" if rel == "." else PurePosixPath(rel).as_posix()
     if strict:
         raise UsageError(f"{printable(path)}: {how}, but not inside --root {printable(base)}")
     return None
+
+
+def _real(path: str) -> str:
+    """``path`` with the links of its folders resolved, its own name kept (a file that is a link
+    keeps its name, as a walk would find it)."""
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
 
 
 def _not_regular(path: Path) -> str:
@@ -157,7 +216,8 @@ def _not_regular(path: Path) -> str:
     return f"not a regular file ({kind})"
 
 
-def _walk(root: Path, excluded: list[str], problems: list[ImageError], prefix: str = "") -> list[ImageItem]:
+def _walk(root: Path, excluded: list[str], problems: list[ImageError], outputs: _OutputFolders,
+          prefix: str = "") -> list[ImageItem]:
     real_root = os.path.realpath(root)
     # An output folder that holds the input folder (or is it): skip only what seglabel writes there.
     skip = []
@@ -180,7 +240,8 @@ def _walk(root: Path, excluded: list[str], problems: list[ImageError], prefix: s
             dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirs[:] = sorted(d for d in dirs if _enter(os.path.join(folder, d), real_root, skip))
+        dirs[:] = sorted(d for d in dirs if _enter(os.path.join(folder, d), real_root, skip)
+                         and not outputs.is_output(os.path.join(folder, d)))
         for name in sorted(files):
             if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
                 path = Path(folder) / name
@@ -200,12 +261,39 @@ def _enter(path: str, real_root: str, skip: list[str]) -> bool:
 
 def read_lines(source: str) -> list[str]:
     """Lines of a list file, or of standard input for '-' (``find_images`` skips comments)."""
-    if source == "-":
-        return sys.stdin.read().splitlines()
     try:
-        return Path(source).read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+        if source == "-":
+            stdin = getattr(sys.stdin, "buffer", None)  # a replaced sys.stdin may hold text only
+            data = stdin.read() if stdin is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+        else:
+            data = Path(source).read_bytes()
     except OSError as e:
         raise UsageError(f"--from-list {printable(source)}: cannot read ({e.strerror or type(e).__name__})") from None
+    # As pipelines write lists: a UTF-8 byte-order mark (Windows tools, PowerShell), CRLF line ends,
+    # names in bytes that are not UTF-8. Lines end at a line feed only: a name may hold any other
+    # character that str.splitlines() would break at.
+    text = data.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def file_fingerprint(path: str | Path) -> dict[str, int | str]:
+    """What a record keeps of a file to know it again: its size in bytes, its modification time
+    (ns) and the SHA-256 of its content (read once, in blocks). ``OSError`` if it cannot be read."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest.hexdigest()}
+
+
+def oriented_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of the image as ``load_image`` gives it (EXIF orientation applied), from
+    the header only; ``ImageError`` if it cannot be read."""
+    with _opened(path, sys.maxsize) as img:
+        width, height = img.size
+        turned = img.getexif().get(0x0112) in (5, 6, 7, 8)  # a quarter turn: the sides swap
+    return (height, width) if turned else (width, height)
 
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -321,7 +321,7 @@ def parse_labelset(data: Any, source: str = "<memory>", lines: dict[tuple, int] 
 
     seen: dict[str, int] = {}
     for i, c in enumerate(classes):
-        key = c.name.casefold()
+        key = name_key(c.name)
         if key in seen:
             at = ("classes", i) if i < len(raw_classes) else ("catch_all",)
             fail(at, f"duplicate class '{c.name}' (also class {seen[key]})")
@@ -347,7 +347,7 @@ def _warnings(classes: list[LabelClass], class_at) -> list[tuple[tuple, str]]:
     owners: dict[str, list[tuple[int, str]]] = {}
     for i, c in enumerate(classes):
         for p in c.prompts:
-            key = " ".join(p.split()).casefold()
+            key = name_key(" ".join(p.split()))
             if all(j != i for j, _ in owners.get(key, [])):
                 owners.setdefault(key, []).append((i, p))
     for i, c in enumerate(classes):
@@ -366,6 +366,12 @@ def _warnings(classes: list[LabelClass], class_at) -> list[tuple[tuple, str]]:
                     "give each class prompts of its own"))
     out.sort(key=lambda w: w[0])
     return [(at, problem) for _, at, problem in out]
+
+
+def name_key(name: str) -> str:
+    """What makes two names the same name: equal after Unicode normalisation (NFC: a composed
+    "é" and "e" + combining accent are one) and case folding ("Straße" and "STRASSE")."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
 
 
 def labelmap_problem(name: str) -> str | None:
@@ -448,7 +454,7 @@ def _parse_ignore(raw: Any, index_of: dict[str, int], fail) -> tuple[float, set[
         fail(("ignore", "classes"), "'ignore.classes' must be a list of class names")
     ignored = set()
     for j, n in enumerate(names):
-        key = n.casefold() if isinstance(n, str) else None
+        key = name_key(n) if isinstance(n, str) else None
         if key not in index_of:
             fail(("ignore", "classes", j), f"ignore.classes names unknown class {_show(n)}")
         ignored.add(index_of[key])

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .decode import decode_jpegs, device_decoding_available, device_jpeg
-from .images import ImageError, ImageItem, load_image
+from .images import ImageError, ImageItem, file_fingerprint, load_image
 from .interrupts import leave_signals_to_parent
 from .predict import Protocol, prepare_image, prepare_pixels
 
@@ -34,6 +34,7 @@ class Loaded:
     error: str | None = None
     shown_path: str = ""  # the path as an error message prints it (odd bytes escaped)
     jpeg: torch.Tensor | None = None  # the file's bytes, while it waits to be decoded on the device
+    photo: dict | None = None  # the file's fingerprint (images.file_fingerprint), kept in its record
 
     def pin_memory(self) -> "Loaded":  # called by DataLoader(pin_memory=True): faster host-to-GPU copies
         if self.tensor is not None:
@@ -54,11 +55,17 @@ class _Images(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Loaded:
         item = self.items[i]
+        try:  # read here, beside the decoding: a rerun knows the photo again by it (records.py)
+            photo = file_fingerprint(item.path)
+        except OSError:
+            photo = None  # the decoding reports what is wrong with the file
         if self.encoded:
             found = device_jpeg(item.path, self.max_pixels)
             if found is not None and (self.fits is None or self.fits(found[1][1], found[1][0]) is None):
-                return Loaded(item, size=found[1], jpeg=found[0])  # else the CPU path reports it
-        return self.decode(item)
+                return Loaded(item, size=found[1], jpeg=found[0], photo=photo)  # else the CPU path reports it
+        loaded = self.decode(item)
+        loaded.photo = photo
+        return loaded
 
     def decode(self, item: ImageItem) -> Loaded:
         """The CPU path: PIL decodes, the tensor is resized here."""
@@ -138,6 +145,7 @@ def _decode_window(window: list[Loaded], dataset: _Images, device: torch.device,
         ld = window[i]
         if px is None or tuple(px.shape[1:]) != ld.size:
             window[i] = dataset.decode(ld.item)
+            window[i].photo = ld.photo
             continue
         ld.jpeg = None
         ld.tensor = prepare_pixels(px, dataset.protocol, mean, std)

@@ -27,7 +27,7 @@ from .loader import DECODE_CHOICES
 from .models.base import Segmenter
 from .models.registry import DEFAULT_MODEL, OWN_PROTOCOL_KINDS, load_segmenter, parse_spec
 from .predict import Protocol, check_protocol, check_protocol_options, resolve_device
-from .runs import check_settings, model_identity
+from .runs import check_owned, check_settings, model_identity
 from .writers import check_output_folder
 
 PROTOCOL_FIELDS = ("short_side", "max_long_side", "window", "window_stride")
@@ -70,6 +70,7 @@ class DryRun:
     todo: list[ImageItem]
     done: list[ImageItem]
     problems: list[ImageError]  # images a run would report (header checks), besides the inputs' own
+    kept: list[ImageItem] = field(default_factory=list)  # corrected by a person: a run keeps them
 
 
 def check(recipe: Recipe) -> Checked:
@@ -77,6 +78,7 @@ def check(recipe: Recipe) -> Checked:
     config = recipe.config
     _check_options(recipe)
     check_output_folder(Path(config.out))
+    check_owned(Path(config.out))  # files under our names that seglabel did not write: refused
     device = resolve_device(recipe.device)
     labelset = recipe.labels if isinstance(recipe.labels, LabelSet) else load_labelset(recipe.labels)
     kind, _ = parse_spec(recipe.model)
@@ -117,17 +119,16 @@ def prepare(recipe: Recipe, checked: Checked | None = None) -> Prepared:
 def dry_run(recipe: Recipe, items: Sequence[ImageItem], checked: Checked | None = None) -> DryRun:
     """What a run would do, after every check a run makes before loading the model, and the
     header of each image still to label (loads no model, writes nothing)."""
-    if checked is None:
-        check(recipe)
-    todo, done = plan(items, recipe.config)
-    readable, problems = [], []
-    for item in todo:
+    checked = checked or check(recipe)
+    planned = plan(items, recipe.config, checked.labelset)
+    readable, problems = [], [ImageError(path, reason) for path, reason in planned.failures]
+    for item in planned.todo:
         try:
             read_size(item.path, recipe.config.max_pixels)
             readable.append(item)
         except ImageError as e:
             problems.append(e)
-    return DryRun(readable, done, problems)
+    return DryRun(readable, planned.done, problems, planned.kept)
 
 
 def _check_options(recipe: Recipe) -> None:

@@ -12,7 +12,7 @@ import html
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 from urllib.parse import quote
@@ -37,6 +37,7 @@ class PreviewResult:
     pages: int
     drawn: int  # overlays drawn this time (the rest were up to date)
     missing_photos: list[str]  # file names whose photo was not found (drawn on grey)
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): masks not shown (run_output)
 
 
 def build_preview(out: str | Path, image_roots: Sequence[str | Path] = (), per_page: int = 100,
@@ -75,7 +76,7 @@ def build_preview(out: str | Path, image_roots: Sequence[str | Path] = (), per_p
         page = render_page(run, cards, links, number, len(pages), first, thumb_size, len(entries), len(missing))
         write_bytes(folder / page_name(number), page.encode())
     _remove_stale_pages(folder, len(pages))
-    return PreviewResult(folder / "index.html", len(entries), len(pages), len(todo), missing)
+    return PreviewResult(folder / "index.html", len(entries), len(pages), len(todo), missing, run.left_out)
 
 
 def page_name(number: int) -> str:

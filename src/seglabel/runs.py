@@ -24,7 +24,7 @@ from typing import Any, Iterator, Mapping, Sequence, TypeVar
 
 from .checkpoints import content_id
 from .errors import UsageError
-from .layout import RECORDS, RUN_FILE, RUNS
+from .layout import RECORDS, RUN_FILE, RUNS, foreign_outputs
 
 LOCK_FILE = ".lock"
 _SHARD = re.compile(r"^shard-(\d+)-of-(\d+)$")
@@ -37,6 +37,17 @@ class RunError(UsageError):
 
 class SettingsMismatch(UsageError):
     """``--out`` holds labels made with other settings; mixing them would corrupt the set."""
+
+
+def check_owned(out: Path) -> None:
+    """Refuse an ``--out`` that holds files under seglabel's output names (``masks/``,
+    ``coco.json``...) that seglabel did not write: a run there would replace them. Checked before
+    anything is written, so the refusal changes nothing."""
+    held = foreign_outputs(out)
+    if held:
+        raise RunError(f"--out {out}: holds {', '.join(held)} that seglabel did not write (no run.json or records "
+                       f"of a seglabel run), and a run would replace them; nothing was changed: give another --out "
+                       f"(a new or empty folder, e.g. {Path(out) / 'seglabel'}), or move those files away")
 
 
 def model_identity(spec: str, pretrained: str | None) -> dict[str, Any]:

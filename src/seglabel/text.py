@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoints import cache_dir, content_id
-from .labelset import LabelSet
+from .labelset import LabelSet, name_key
 
 # MaskCLIP adds these five scene templates to the 80 ImageNet templates of CLIP.
 _SCENE_TEMPLATES = (
@@ -70,6 +70,71 @@ def class_max(prompt_scores: torch.Tensor, prompt_class: Sequence[int], num_clas
     out = prompt_scores.new_full(shape, float("-inf"))
     view = [1, -1] + [1] * (prompt_scores.dim() - 2)
     return out.scatter_reduce(1, index.view(view).expand_as(prompt_scores), prompt_scores, reduce="amax")
+
+
+# -- classes the text encoder cannot tell apart ---------------------------------------------------------
+def prompt_keys(labelset: LabelSet, tokenize: Callable[[list[str]], torch.Tensor],
+                templates: Sequence[str]) -> tuple[list[tuple], int]:
+    """What the text encoder sees of each prompt (``labelset.prompts`` order): its token ids in
+    every template, after the tokenizer's context cut; and that context length. Prompts are
+    tokenized alone first: when no prompt comes near the cut in any template, a prompt's own ids
+    decide (the templates add the same text to each); else every templated text is tokenized."""
+    templates = list(templates) or ["{}"]
+    prompts = labelset.prompts
+    alone = tokenize(prompts)
+    context = int(alone.shape[1])
+    if templates == ["{}"]:
+        return [tuple(row) for row in alone.tolist()], context
+    added = max(int((tokenize([t.replace("{}", "")]) != 0).sum()) for t in templates)  # with start and end
+    if int((alone != 0).sum(dim=1).max()) + added < context:  # no text comes near the cut
+        return [tuple(row) for row in alone.tolist()], context
+    ids = tokenize([t.replace("{}", p) for p in prompts for t in templates]).tolist()
+    n = len(templates)
+    return [tuple(tuple(row) for row in ids[k * n:(k + 1) * n]) for k in range(len(prompts))], context
+
+
+def shadowed_classes(labelset: LabelSet, tokenize: Callable[[list[str]], torch.Tensor],
+                     templates: Sequence[str]) -> list[tuple[int, int]]:
+    """(j, i) for each class j that can never win a pixel: each of its prompts is, to the text
+    encoder (``tokenize``, with its context cut), a prompt of class i listed before it. A class
+    scores its best prompt, so j never scores above i, and on a tie argmax takes i."""
+    return [(j, i) for j, i, _ in _shadows(labelset, *prompt_keys(labelset, tokenize, templates))]
+
+
+def _shadows(labelset: LabelSet, keys: list[tuple], context: int) -> list[tuple[int, int, int]]:
+    per_class: list[set] = [set() for _ in labelset.classes]
+    for k, c in zip(keys, labelset.prompt_class):
+        per_class[c].add(k)
+    owners: dict[tuple, list[int]] = {}
+    for c, ks in enumerate(per_class):
+        for k in ks:
+            owners.setdefault(k, []).append(c)
+    out = []
+    for j, ks in enumerate(per_class):
+        first = next(iter(ks))
+        i = next((i for i in owners[first] if i < j and ks <= per_class[i]), None)
+        if i is not None:
+            out.append((j, i, context))
+    return out
+
+
+def indistinct_warnings(labelset: LabelSet, tokenize: Callable[[list[str]], torch.Tensor],
+                        templates: Sequence[str], model: str = "the text encoder") -> list[str]:
+    """One line for each class that can never win a pixel by what ``model``'s tokenizer sees
+    (prompts cut at its context length, normalised and lower-cased), beyond what the label set
+    itself warns about (prompts equal as text, ``LabelSet.warnings``)."""
+    keys, context = prompt_keys(labelset, tokenize, templates)
+    lines = []
+    for j, i, _ in _shadows(labelset, keys, context):
+        mine = {name_key(" ".join(p.split())) for p in labelset.classes[j].prompts}
+        if mine <= {name_key(" ".join(p.split())) for p in labelset.classes[i].prompts}:
+            continue  # the same prompts as text: the label set's own warning says so
+        a, b = labelset.classes[i].name, labelset.classes[j].name
+        lines.append(f"{labelset.source}: class {b!r} can never win a pixel: to {model} (whose tokenizer cuts "
+                     f"prompts at {context} tokens) each of its prompts is the same as a prompt of {a!r}, listed "
+                     f"before it, which wins every tie; give {b!r} a prompt that differs within the first "
+                     f"{context} tokens")
+    return lines
 
 
 # -- on-disk cache ------------------------------------------------------------------------------

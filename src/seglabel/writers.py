@@ -5,9 +5,8 @@ annotate writes, are ever removed as left over from a killed run. Files are crea
 0666 less the umask, like any other tool's.
 
 Per image: ``masks/<key>.png`` (grayscale PNG of class indices), optional ``scores/<key>.png`` and
-``overlays/<key>.jpg``, and last ``records/<key>.json`` (size, confidence, COCO RLE of each
-class), written last. ``coco.json`` is assembled from the records, streamed, so memory does not
-grow with the number of images. ``read_mask`` reads a mask back (preview, export).
+``overlays/<key>.jpg``, and last ``records/<key>.json`` (records.py: the mask and its record, and
+coco.json from the records). ``read_mask`` reads a mask back (preview, export, records).
 """
 from __future__ import annotations
 
@@ -103,9 +102,9 @@ def to_json(obj: Any, indent: int | None = None) -> str:
     return json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False)
 
 
-def write_json(path: str | Path, obj: Any) -> None:
+def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
     # backslashreplace: a file name that is not UTF-8 (surrogate-escaped) stays readable JSON
-    write_bytes(path, (to_json(obj, indent=2) + "\n").encode("utf-8", "backslashreplace"))
+    write_bytes(path, (to_json(obj, indent=indent) + "\n").encode("utf-8", "backslashreplace"))
 
 
 def _remove(path: str | Path) -> None:
@@ -189,8 +188,10 @@ def encode_overlay_jpg(rgb: np.ndarray, mask: np.ndarray, labelset: LabelSet, al
 
 
 # -- COCO ---------------------------------------------------------------------------------------
-def image_record(rel: str, mask: np.ndarray, confidence: np.ndarray, labelset: LabelSet) -> dict[str, Any]:
-    """What coco.json needs of one image: one RLE annotation per class present (ignore excluded)."""
+def image_record(rel: str, mask: np.ndarray, confidence: np.ndarray | float | None,
+                 labelset: LabelSet) -> dict[str, Any]:
+    """What coco.json needs of one image: one RLE annotation per class present (ignore excluded).
+    ``confidence``: per pixel (its mean is kept), the mean itself, or None (a mask made by hand)."""
     from pycocotools import mask as mask_util
 
     height, width = mask.shape
@@ -206,8 +207,8 @@ def image_record(rel: str, mask: np.ndarray, confidence: np.ndarray, labelset: L
                 "bbox": [float(v) for v in box],
                 "iscrowd": 0,
             })
-    return {"file_name": rel, "width": width, "height": height,
-            "confidence": round(float(confidence.mean()), 6), "annotations": annotations}
+    mean = None if confidence is None else round(float(np.mean(confidence)), 6)
+    return {"file_name": rel, "width": width, "height": height, "confidence": mean, "annotations": annotations}
 
 
 def class_run_lengths(mask: np.ndarray, ignore_index: int) -> tuple[list[int], list[np.ndarray]]:
@@ -253,53 +254,6 @@ def class_run_lengths(mask: np.ndarray, ignore_index: int) -> tuple[list[int], l
 def coco_categories(labelset: LabelSet) -> list[dict[str, Any]]:
     return [{"id": i + 1, "name": c.name, "supercategory": "catch_all" if c.catch_all else "class"}
             for i, c in enumerate(labelset.classes) if not c.ignore]
-
-
-def iter_records(out: str | Path) -> Iterator[tuple[str, Path]]:
-    """(key, path) of every per-image record under ``out/records``, in sorted key order."""
-    root = Path(out) / RECORDS
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in files:
-            if name.endswith(".json") and not name.startswith("."):
-                path = Path(folder) / name
-                found.append((path.relative_to(root).with_suffix("").as_posix(), path))
-    return iter(sorted(found))
-
-
-def write_coco(out: str | Path, labelset: LabelSet, info: dict[str, Any] | None = None) -> int:
-    """Assemble ``coco.json`` from the records, streaming; returns the number of images.
-
-    Image ids follow the sorted relative paths; annotation ids count up in that order."""
-    out = Path(out)
-    records = list(iter_records(out))  # paths only; each record is read when written
-    with atomic_path(out / COCO_FILE) as tmp, open(tmp, "w", encoding="utf-8", errors="backslashreplace") as f:
-        f.write('{\n"info": ' + to_json(info or {}))
-        f.write(',\n"categories": ' + to_json(coco_categories(labelset)))
-        f.write(',\n"images": [')
-        for image_id, (_, path) in enumerate(records, start=1):
-            rec = _read_record(path)
-            entry = {"id": image_id, "file_name": rec["file_name"], "width": rec["width"],
-                     "height": rec["height"], "confidence": rec.get("confidence")}
-            f.write(("\n" if image_id == 1 else ",\n") + to_json(entry))
-        f.write('\n],\n"annotations": [')
-        ann_id = 0
-        for image_id, (_, path) in enumerate(records, start=1):
-            for ann in _read_record(path)["annotations"]:
-                ann_id += 1
-                f.write(("\n" if ann_id == 1 else ",\n") + to_json({"id": ann_id, "image_id": image_id, **ann}))
-        f.write("\n]\n}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    return len(records)
-
-
-def _read_record(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise OutputError(f"{path}: unreadable record ({e}); delete it and rerun to relabel that image") from None
 
 
 class BackgroundWriter:

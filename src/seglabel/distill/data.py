@@ -1,7 +1,7 @@
 """Training data of ``seglabel distill``: (image, pseudo-mask) pairs matched by relative path and
-checked before training starts (dataset.py samples and augments them). seglabel's own run folders
-found under the images (an earlier annotate's masks and overlays) are not training photos: they
-are skipped and counted.
+checked before training starts (dataset.py samples and augments them). seglabel's own output
+folders found under the images (an earlier annotate's masks and overlays) are not training photos:
+they are left out and listed, by the rule annotate follows (images.find_images).
 """
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UsageError
-from ..images import ImageError, ImageItem, find_images
-from ..layout import is_run_folder
+from ..images import ImageError, find_images
 from ..writers import OutputFolderError, read_mask as read_mask_file
 
 log = logging.getLogger("seglabel")
@@ -37,40 +36,16 @@ class Pair:
 class PairScan:
     pairs: list[Pair]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    run_folders: dict[str, int] = field(default_factory=dict)  # seglabel run folder -> images in it
+    outputs: list[str] = field(default_factory=list)  # seglabel output folders under the images, left out
 
     def report(self) -> None:
         """Every skip on its own line (warnings: shown under --quiet too), then the count."""
-        for folder, n in self.run_folders.items():
-            log.warning(f"{folder}: a seglabel run folder (annotate's output), not training photos: "
-                        f"its {n} image files skipped")
+        for folder in self.outputs:
+            log.warning(f"{folder}: a seglabel run's output (masks, overlays...), not training photos: skipped")
         for path, reason in self.skipped:
             log.warning(f"skipped: {path}: {reason}")
-        runs = sum(self.run_folders.values())
         log.info(f"{len(self.pairs)} training images" + (f", {len(self.skipped)} skipped" if self.skipped else "")
-                 + (f", {runs} in {len(self.run_folders)} seglabel run folders left out" if runs else ""))
-
-
-def outside_run_folders(items: list[ImageItem], root: Path) -> tuple[list[ImageItem], dict[str, int]]:
-    """``items`` without those inside a seglabel run folder at or under ``root`` (layout.is_run_folder),
-    and how many each such folder held."""
-    verdict: dict[str, bool] = {}
-    kept, skipped = [], {}
-    for item in items:
-        folder = str(root)
-        inside = None
-        for part in [""] + list(Path(item.rel).parts[:-1]):
-            folder = os.path.join(folder, part) if part else folder
-            if folder not in verdict:
-                verdict[folder] = is_run_folder(folder)
-            if verdict[folder]:
-                inside = folder
-                break
-        if inside is None:
-            kept.append(item)
-        else:
-            skipped[inside] = skipped.get(inside, 0) + 1
-    return kept, skipped
+                 + (f", {len(self.outputs)} seglabel output folders left out" if self.outputs else ""))
 
 
 def mask_files(folder: Path) -> dict[str, Path]:
@@ -117,15 +92,15 @@ def scan_pairs(images: Path, masks: Path | None, num_classes: int, ignore_index:
     """Match images and masks (and, given ``scores``, confidence maps) by relative path and check
     each mask: readable, the image's size, class ids inside the label set. Problems become
     reported skips; no usable pair is an error. Folders in ``exclude`` (distill's own --out) are
-    never entered; seglabel run folders are left out and counted."""
+    never entered; seglabel's output folders are left out and listed (images.find_images)."""
     if not images.is_dir():
         raise DataError(f"{images}: no such image folder (--images)")
     found = find_images([images], exclude=exclude)
-    items, runs = outside_run_folders(found.items, images)
+    items, runs = found.items, found.skipped_outputs
     skipped = [(p.path, p.reason) for p in found.problems]
     if masks is None:
         if not items:
-            raise DataError(f"{images}: no training images found" + (" outside seglabel run folders" if runs else ""))
+            raise DataError(f"{images}: no training images found" + (" outside seglabel output folders" if runs else ""))
         return PairScan([Pair(i.key, i.path, None) for i in items], skipped, runs)
     if not masks.is_dir():
         raise DataError(f"{masks}: no such mask folder")

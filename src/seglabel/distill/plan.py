@@ -84,11 +84,11 @@ class Plan:
                                               if c.affinity_weight else "")
                      + (f"; the teacher's least sure {c.ignore_unsure:.0%} of pixels ignored" if c.ignore_unsure else "")
                      + (f"; pixels below confidence {c.min_confidence:g} ignored" if c.min_confidence else ""))
-        runs = sum(self.scan.run_folders.values())
+        outputs = self.scan.outputs
         lines.append(f"images: {len(self.scan.pairs)} to train on in {c.images}; {len(self.scan.skipped)} skipped"
-                     + (f"; {runs} in {len(self.scan.run_folders)} seglabel run folders left out" if runs else ""))
+                     + (f"; {len(outputs)} seglabel output folders left out" if outputs else ""))
         lines += [f"  skipped: {path}: {reason}" for path, reason in self.scan.skipped]
-        lines += [f"  left out: {folder} (a seglabel run folder, {n} images)" for folder, n in self.scan.run_folders.items()]
+        lines += [f"  left out: {folder} (a seglabel run's output)" for folder in outputs]
         if self.last is not None:
             lines.append(f"resume: from {self.out / LAST} at iteration {self.last['iteration']} of {c.iters}")
         lines.append(f"out: {self.out} (last.pt, student.pt, config.json, log.jsonl)")

@@ -1,35 +1,58 @@
-"""``seglabel export``: an annotate output as files that CVAT, Label Studio or FiftyOne import.
+"""``seglabel export``: an annotate output as files that CVAT, Label Studio or FiftyOne import,
+or as a data set for training: a Hugging Face dataset (``hf``) or WebDataset tar shards.
 
 Exported masks are always grayscale PNGs of class indices (never palette PNGs), so OpenCV's
-``cv2.imread(path, cv2.IMREAD_UNCHANGED)``, which those tools use, reads indices.
+``cv2.imread(path, cv2.IMREAD_UNCHANGED)``, which those tools use, reads indices. Every format is
+made from the masks as they are now (run_output.py); an image whose mask cannot be shipped (its
+photo changed since, another size, a value that is no class) is left out and listed in ``left_out``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from .run_output import OutputFolderError, read_output
 
-FORMATS = ("cvat", "labelstudio", "fiftyone")
+FORMATS = ("cvat", "labelstudio", "fiftyone", "hf", "webdataset")
+SHARDED = ("hf", "webdataset")
 
 
 @dataclass
 class ExportResult:
     dest: Path
     images: int
-    notes: list[str]  # what to do next, and anything left out
+    notes: list[str]  # what to do next
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): images not exported
 
 
 def export(out: str | Path, fmt: str, dest: str | Path | None = None, image_roots: Sequence[str | Path] = (),
-           document_root: str | Path | None = None, on_image: Callable[[], None] | None = None) -> ExportResult:
-    """Write ``fmt`` into ``dest`` (default ``OUT/export/<fmt>``)."""
+           document_root: str | Path | None = None, on_image: Callable[[], None] | None = None,
+           shard_size: int | None = None) -> ExportResult:
+    """Write ``fmt`` into ``dest`` (default ``OUT/export/<fmt>``); ``hf`` and ``webdataset`` in
+    shards of at most ``shard_size`` images."""
     if fmt not in FORMATS:
         raise OutputFolderError(f"unknown export format {fmt!r} (known: {', '.join(FORMATS)})")
     if document_root is not None and fmt != "labelstudio":
         raise OutputFolderError("--document-root is for --format labelstudio only")
+    if shard_size is not None and fmt not in SHARDED:
+        raise OutputFolderError(f"--shard-size is for --format {' or '.join(SHARDED)} only")
+    if fmt == "hf":
+        from .hf import require_pyarrow
+
+        require_pyarrow()  # before anything is read or written
     run = read_output(out, image_roots)
     dest = Path(dest) if dest is not None else run.out / "export" / fmt
+    if fmt in SHARDED:
+        from .shards import DEFAULT_SHARD_IMAGES, plan
+
+        checked = plan(run, DEFAULT_SHARD_IMAGES if shard_size is None else shard_size)
+        if fmt == "hf":
+            from .hf import write_hf as write
+        else:
+            from .webdataset_tars import write_webdataset as write
+        images, notes = write(run, dest, checked, on_image)
+        return ExportResult(dest, images, notes, run.left_out + checked.left_out)
     if fmt == "cvat":
         from .cvat import write_cvat
 
@@ -42,7 +65,7 @@ def export(out: str | Path, fmt: str, dest: str | Path | None = None, image_root
         from .fiftyone_layout import write_fiftyone
 
         notes = write_fiftyone(run, dest, on_image)
-    return ExportResult(dest, len(run.entries), notes)
+    return ExportResult(dest, len(run.entries), notes, run.left_out)
 
 
-__all__ = ["FORMATS", "ExportResult", "OutputFolderError", "export"]
+__all__ = ["FORMATS", "SHARDED", "ExportResult", "OutputFolderError", "export"]

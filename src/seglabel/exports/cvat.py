@@ -9,11 +9,14 @@ line per class in pixel-value order, and ignored pixels (255) become one more la
 ``ignore`` (VOC's void colour), at the next id. Datumaro reads these masks as 8-bit, so this
 zip needs at most 255 classes; the COCO zip has no such limit.
 
-COCO 1.0 is annotate's ``coco.json`` as ``annotations/instances_default.json``: category ids
-start at 1 (CVAT drops annotations of category 0), masks as RLE.
+COCO 1.0 is COCO as annotate writes ``coco.json``, made from the masks as they are now (an edited
+mask is the truth), as ``annotations/instances_default.json`` beside an empty ``images/`` folder
+(Datumaro's COCO importer, CVAT's library, refuses a dataset without it): category ids start at 1
+(CVAT drops annotations of category 0), masks as RLE.
 """
 from __future__ import annotations
 
+import io
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -21,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from ..labelset import labelmap_problem
-from ..writers import COCO_FILE, atomic_path, encode_mask_png, write_json
+from ..writers import atomic_path, encode_mask_png, write_json
 from .run_output import OutputFolderError, RunOutput
 
 MASK_ZIP, COCO_ZIP, LABELS_JSON = "segmentation_mask_1.1.zip", "coco_1.0.zip", "cvat_labels.json"
@@ -78,9 +81,10 @@ def _write_mask_zip(run: RunOutput, path: Path, labels, on_image) -> None:
 
 
 def _write_coco_zip(run: RunOutput, path: Path) -> None:
-    coco = run.out / COCO_FILE
-    if not coco.is_file():
-        raise OutputFolderError(f"{coco}: not found; rerun seglabel annotate on the same folder to write it")
+    """COCO of the masks as they are now (not coco.json, which may predate an edit), streamed."""
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-        z.write(coco, "annotations/instances_default.json")
-
+        with z.open("annotations/instances_default.json", "w", force_zip64=True) as member, \
+                io.TextIOWrapper(member, encoding="utf-8", errors="backslashreplace") as f:
+            run.write_coco(f)
+        # an empty images/ folder, as a COCO dataset has: Datumaro's importer refuses one without it
+        z.writestr(zipfile.ZipInfo("images/", (1980, 1, 1, 0, 0, 0)), b"")

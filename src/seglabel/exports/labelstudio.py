@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
+
+import numpy as np
 
 from ..writers import atomic_path, write_bytes
 from .brush_rle import encode_mask
@@ -62,23 +64,32 @@ def write_labelstudio(run: RunOutput, dest: Path, document_root: Path | None = N
 
 def task_of(run: RunOutput, entry: ImageEntry, image_path: str, model_version: str, index: int) -> dict:
     mask = run.read_mask(entry)
-    h, w = mask.shape
-    results = []
-    for k, _ in entry.areas:
-        cls = run.labelset.classes[k]
-        if cls.ignore:
-            continue
-        results.append({
-            "id": f"i{index}c{k}", "from_name": FROM_NAME, "to_name": TO_NAME, "type": "brushlabels",
-            "original_width": w, "original_height": h, "image_rotation": 0,
-            "value": {"format": "rle", "rle": encode_mask(mask == k), "brushlabels": [cls.name]},
-        })
-    prediction = {"model_version": model_version, "result": results}
+    names = {k: run.labelset.classes[k].name for k, _ in entry.areas if not run.labelset.classes[k].ignore}
+    prediction = {"model_version": model_version, "result": brush_results(mask, names, prefix=f"i{index}")}
     if entry.confidence is not None:
         prediction["score"] = entry.confidence
     return {"data": {"image": "/data/local-files/?d=" + quote(image_path, safe="/"),
                      "seglabel_key": entry.key, "confidence": entry.confidence},
             "predictions": [prediction]}
+
+
+def brush_results(mask: np.ndarray, names: Mapping[int, str], from_name: str = FROM_NAME, to_name: str = TO_NAME,
+                  prefix: str = "") -> list[dict]:
+    """One ``brushlabels`` result per class of ``names`` (class index -> label) present in
+    ``mask``, in class order: the class's pixels in Label Studio's brush RLE. Shared by the export
+    and the ML backend (``seglabel serve``)."""
+    h, w = mask.shape
+    present = np.flatnonzero(np.bincount(mask.reshape(-1), minlength=1)) if mask.size else []
+    results = []
+    for k in present:
+        if int(k) not in names:
+            continue
+        results.append({
+            "id": f"{prefix}c{k}", "from_name": from_name, "to_name": to_name, "type": "brushlabels",
+            "original_width": w, "original_height": h, "image_rotation": 0,
+            "value": {"format": "rle", "rle": encode_mask(mask == k), "brushlabels": [names[int(k)]]},
+        })
+    return results
 
 
 def _image_paths(run: RunOutput, document_root: Path | None) -> tuple[dict[str, str], str, str]:

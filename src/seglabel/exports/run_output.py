@@ -1,8 +1,13 @@
 """Reading what ``seglabel annotate`` wrote: the label set, one entry per image, the masks, and
 where the labelled photos are.
 
-Shared by ``seglabel preview`` and ``seglabel export``. The records are small, so every entry is
-kept in memory (100,000 images are tens of MB); masks and photos are read one at a time.
+Shared by ``seglabel preview`` and ``seglabel export``, so each shows the same images: every entry
+is the record for its mask as the mask is now (``records.current_record``: a hand-edited mask is
+the truth), and an image is left out, with one line in ``left_out``, when its mask cannot be
+shipped: a mask that is missing, unreadable or holds a value that is no class, a mask of another
+size than the photo it labelled, or a photo changed since it was labelled. The records are small,
+so every entry is kept in memory (100,000 images are tens of MB); masks and photos are read one at
+a time.
 """
 from __future__ import annotations
 
@@ -10,12 +15,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, TextIO
 
 import numpy as np
 
 from ..labelset import LabelSet, LabelSetError, parse_labelset
-from ..writers import MASKS, RUN_FILE, OutputFolderError, iter_records, read_mask
+from ..records import current_record, iter_records, photo_change, stream_coco
+from ..runs import settings_id
+from ..writers import MASKS, RUN_FILE, OutputFolderError, read_mask
 
 __all__ = ["ImageEntry", "ImageFinder", "OutputFolderError", "RunOutput", "load_rgb", "read_mask", "read_output"]
 
@@ -26,8 +33,9 @@ class ImageEntry:
     file_name: str  # the photo's path relative to the folder it was labelled from
     width: int
     height: int
-    confidence: float | None  # mean top-class probability; None in outputs older than it
+    confidence: float | None  # mean top-class probability; None for a corrected mask (and older outputs)
     areas: tuple[tuple[int, int], ...]  # (class index, pixels) of each class present
+    corrected: dict[str, Any] | None = None  # who corrected the mask (records.py), None for a model's
 
     @property
     def pixels(self) -> int:
@@ -45,12 +53,20 @@ class RunOutput:
     run: dict[str, Any]
     entries: list[ImageEntry]
     images: "ImageFinder" = field(repr=False)
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of images not shipped
 
     def mask_path(self, entry: ImageEntry) -> Path:
         return self.out / MASKS / f"{entry.key}.png"
 
     def read_mask(self, entry: ImageEntry) -> np.ndarray:
         return read_mask(self.mask_path(entry))
+
+    def write_coco(self, f: TextIO) -> int:
+        """COCO of the entries (the masks as they are now) to ``f``, as annotate writes coco.json."""
+        settings = self.run.get("settings")
+        info = {"description": f"seglabel {self.run.get('seglabel_version', '')}: {self.labelset.name}",
+                "model": self.run.get("model"), "settings_id": settings_id(settings) if settings else None}
+        return stream_coco(f, self.out, self.labelset, info, left_out=[], keys={e.key for e in self.entries})
 
     def sorted_worst_first(self) -> list[ImageEntry]:
         """Least confident first; images without a confidence (older outputs) last."""
@@ -72,20 +88,41 @@ def read_output(out: str | Path, image_roots: Sequence[str | Path] = ()) -> RunO
         if isinstance(e, LabelSetError):
             raise OutputFolderError(f"{run_file}: bad label set ({e})") from None
         raise OutputFolderError(f"{run_file}: unreadable run record ({type(e).__name__}: {e})") from None
-    entries = [_read_entry(key, path) for key, path in iter_records(out)]
-    if not entries:
+    finder = ImageFinder(_candidate_roots(run, image_roots))
+    entries, left_out = [], []
+    for key, path in iter_records(out):
+        now = current_record(out, key, labelset, _read_json(path))
+        entry = now.problem is None and _entry(key, path, now.record)
+        photo = entry and finder.find(entry.file_name)
+        change = photo_change(now.record, photo)[0] if photo else ""
+        if now.problem:
+            left_out.append(now.problem)
+        elif change:
+            left_out.append((str(photo), f"{change}: its mask is stale; rerun seglabel annotate to label it again"))
+        else:
+            entries.append(entry)
+    if not entries and not left_out:
         raise OutputFolderError(f"{out}: no labelled images (records/ is empty)")
-    return RunOutput(out, labelset, run, entries, ImageFinder(_candidate_roots(run, image_roots)))
+    return RunOutput(out, labelset, run, entries, finder, left_out)
 
 
-def _read_entry(key: str, path: Path) -> ImageEntry:
+def _read_json(path: Path) -> dict[str, Any]:
     try:
-        rec = json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(record, dict):
+            return record
+        raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise OutputFolderError(f"{path}: unreadable record ({type(e).__name__}: {e})") from None
+
+
+def _entry(key: str, path: Path, rec: dict[str, Any]) -> ImageEntry:
+    try:
         areas = tuple(sorted((int(a["category_id"]) - 1, int(a["area"])) for a in rec.get("annotations", [])))
         conf = rec.get("confidence")
         return ImageEntry(key, str(rec["file_name"]), int(rec["width"]), int(rec["height"]),
-                          None if conf is None else float(conf), areas)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+                          None if conf is None else float(conf), areas, rec.get("corrected"))
+    except (ValueError, KeyError, TypeError) as e:
         raise OutputFolderError(f"{path}: unreadable record ({type(e).__name__}: {e})") from None
 
 

@@ -23,6 +23,9 @@ class Segmenter(nn.Module):
     # Protocol fields (seglabel.predict.Protocol) replacing seglabel's whole-image default for this
     # model, e.g. its authors' own evaluation; None: the default suits it
     default_protocol: dict[str, Any] | None = None
+    # What set_labels found worth a look, one line each (classes this model's tokenizer cannot tell
+    # apart, text.indistinct_warnings); the command line prints them as warnings
+    label_warnings: tuple[str, ...] = ()
 
     @property
     def pad_to(self) -> int:

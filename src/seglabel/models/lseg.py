@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..checkpoints import CheckpointError, load_weights, pickle_globals
 from ..labelset import LabelSet
-from ..text import cached_text_embeddings, class_max, encode_prompts
+from ..text import cached_text_embeddings, class_max, encode_prompts, indistinct_warnings
 from .base import Segmenter
 from .lseg_net import LOGIT_SCALE, LSegConfig, LSegNet, build_lseg_net
 
@@ -173,6 +173,7 @@ class LSeg(Segmenter):
         from open_clip.tokenizer import SimpleTokenizer
 
         tokenizer = SimpleTokenizer(context_length=self.net.cfg.text["context_length"])
+        self.label_warnings = tuple(indistinct_warnings(labelset, tokenizer, (), "LSeg's text encoder"))
         self.text_embeddings = cached_text_embeddings(
             self.text_identity(), labelset.prompts, (),
             lambda: encode_prompts(self.net.encode_text, tokenizer, labelset.prompts, (), self.device),

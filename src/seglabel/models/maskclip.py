@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import UsageError
 from ..labelset import LabelSet
 from ..refine import key_smoothing, prompt_denoising
-from ..text import cached_text_embeddings, class_max, encode_prompts, labelset_templates
+from ..text import cached_text_embeddings, class_max, encode_prompts, indistinct_warnings, labelset_templates
 from . import trainingfree as tf
 from .base import Segmenter
 
@@ -96,6 +96,7 @@ class MaskCLIP(Segmenter):
         from .clip import text_encoder
 
         templates = labelset_templates(labelset)
+        self.label_warnings = tuple(indistinct_warnings(labelset, self.tokenizer, templates, "this model's text encoder"))
         self.text_embeddings = cached_text_embeddings(
             self.text_identity(), labelset.prompts, templates,
             lambda: encode_prompts(text_encoder(self.clip), self.tokenizer, labelset.prompts, templates, device),
