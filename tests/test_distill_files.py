@@ -51,7 +51,7 @@ def test_run_folders_under_images_are_skipped_and_quiet_still_names_every_skip(t
     assert r.returncode == 0, r.stderr
     lines = r.stderr.strip().splitlines()
     assert lines == [f"seglabel: warning: {labels / folder}: a seglabel run's output (masks, overlays...), not "
-                     f"training photos: skipped" for folder in ("masks", "overlays")] + \
+                     f"training photos: skipped" for folder in ("masks", "overlays", "records")] + \
         [f"seglabel: warning: skipped: {photos / '0.jpg'}: no mask 0.png in {labels / 'masks'}"], r.stderr
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["teacher"] is None and config["teacher_labels"] == "none"
