@@ -30,10 +30,10 @@ LABELS = REPO / "labelsets" / "toyworld.yaml"
 sys.path.insert(0, str(REPO / "benchmarks" / "toyworld"))
 
 ITERS = 800
-MEASURED = {"sclip": "teacher 0.765, student 0.942 (+0.177)", "corrclip": "@@"}
-# The bar: well above what a student without guided upsampling gains (about +0.05 on the full
-# benchmark with SCLIP, below its CorrCLIP teacher), well below what was measured.
-MARGIN = 0.10
+MEASURED = {"sclip": "teacher 0.765, student 0.942 (+0.177)", "corrclip": "teacher 0.833, student 0.935 (+0.102)"}
+# The bar: above what a student without guided upsampling gains (about +0.05 on the full benchmark
+# with SCLIP, -0.01 with CorrCLIP; the bar for CorrCLIP is +0.02), about half the measured gain.
+MARGIN = {"sclip": 0.10, "corrclip": 0.05}
 TEACHERS = {"sclip": [], "corrclip": ["--method", "corrclip", "--regions", "slic", "--proxy", "clip"]}
 
 
@@ -72,5 +72,5 @@ def test_the_student_labels_held_out_scenes_better_than_its_teacher(tmp_path, me
     teacher = evaluate_folders(tmp_path / "teacher", test / "gt", labelset)
     student = evaluate_folders(tmp_path / "student", test / "gt", labelset)
     assert teacher.images == student.images == 60
-    assert student.miou >= teacher.miou + MARGIN, (f"teacher {teacher.miou:.3f}, student {student.miou:.3f} "
-                                                   f"(measured {MEASURED[method]})")
+    assert student.miou >= teacher.miou + MARGIN[method], (f"teacher {teacher.miou:.3f}, student {student.miou:.3f} "
+                                                           f"(measured {MEASURED[method]})")
