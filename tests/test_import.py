@@ -315,10 +315,17 @@ def test_fiftyone_export_folder(tmp_path):
     b = corrected(masks["sub/b"])
     (folder / "labels/sub/b.png").write_bytes(encode_mask_png(b))
     (folder / "labels/c.png").unlink()
+    untouched = snapshot(out / "records")
     result = import_corrections(folder, out)
-    assert sorted(result.imported) == ["a", "sub/b"] and result.changed == 1
+    assert result.imported == ["sub/b"] and result.changed == 1
     np.testing.assert_array_equal(read_mask(out / "masks/sub/b.png"), b)
-    assert [r for r, _ in result.skipped] == [str(tmp_path / "photos/c.jpg")]
+    # c has no mask; a came back as it went: FiftyOne does not say whether anyone looked at it
+    assert {r: w.split(" (")[0] for r, w in result.skipped} == {
+        "a": "the run's own labels, unchanged in the tool", str(tmp_path / "photos/c.jpg"): "no mask in the export"}
+    assert snapshot(out / "records")["a.json"] == untouched["a.json"]
+    reviewed = import_corrections(folder, out, all_reviewed=True)  # the user says every image was reviewed
+    assert reviewed.imported == ["a"] and reviewed.unchanged == ["sub/b"]
+    assert json.loads((out / "records/a.json").read_text())["corrected"]["changed_pixels"] == 0
     (folder / "labels/a.png").write_bytes(encode_mask_png(np.full((12, 16), 7, np.uint8)))
     with pytest.raises(ImportRefused, match=r"pixel value 7 \(a\)"):
         import_corrections(folder, out)

@@ -27,6 +27,8 @@ def import_command(
                                       "since they were labelled)."),
     field: Optional[str] = typer.Option(None, "--field", help="FiftyOne dataset: its segmentation field (default: "
                                         "the only one)."),
+    all_reviewed: bool = flag("--all-reviewed", help="Images the tool gives back unchanged were reviewed too: mark "
+                              "them corrected (Label Studio says which were; CVAT, FiftyOne and COCO do not)."),
     dry_run: bool = flag("--dry-run", help="Check everything and list what would be imported; write nothing."),
     as_json: bool = flag("--json", help="Print the result as JSON on stdout."),
     quiet: bool = flag("--quiet", "-q", help="No summary (images not imported are still listed)."),
@@ -36,7 +38,8 @@ def import_command(
     from .corrections import import_corrections
     from .writers import to_json
 
-    result = import_corrections(source, into, fmt, labels=labels, images=images, field=field, dry_run=dry_run,
+    result = import_corrections(source, into, fmt, labels=labels, images=images, field=field,
+                                all_reviewed=all_reviewed, dry_run=dry_run,
                                 argv=sys.argv)
     for ref, reason in result.problems:
         typer.echo(one_line(f"not imported: {ref}: {reason}"), err=True)

@@ -25,20 +25,19 @@ __all__ = ["FORMATS", "ImportRefused", "ImportResult", "SourceError", "detect_fo
 
 def import_corrections(source: str | Path, into: str | Path, fmt: str | None = None, *,
                        labels: str | Path | None = None, images: Sequence[str | Path] = (), field: str | None = None,
-                       dry_run: bool = False, argv: Sequence[str] | None = None,
+                       all_reviewed: bool = False, dry_run: bool = False, argv: Sequence[str] | None = None,
                        on_image: Callable[[str], None] | None = None) -> ImportResult:
     """Import the corrected masks of ``source`` (a tool's export, or a FiftyOne dataset's name)
     into the run ``into`` (a new run there when it holds none and ``labels`` is given). Refused
     (``UsageError``, nothing written) for a source, run or label that cannot be used; per-image
-    problems are in the result. ``dry_run``: everything checked, nothing written."""
+    problems are in the result. ``all_reviewed``: images the tool gives back unchanged were
+    reviewed too (CVAT, FiftyOne and COCO exports do not say). ``dry_run``: everything checked,
+    nothing written."""
     target = open_target(into, labels, images)
     read = read_source(source, fmt, target.labelset, field)
     planned, lookup, result = check(read, target)
-    if dry_run:
-        result.dry_run = True
-        result.imported = [p.placed.key for p in planned]
-        return result
-    return write(read, target, planned, lookup, result, list(argv) if argv is not None else None, on_image)
+    return write(read, target, planned, lookup, result, all_reviewed=all_reviewed, dry_run=dry_run,
+                 argv=list(argv) if argv is not None else None, on_image=on_image)
 
 
 def detect_format(source: str | Path) -> str:

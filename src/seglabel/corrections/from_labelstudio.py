@@ -41,7 +41,7 @@ def read_labelstudio(path: str | Path) -> Source:
     if not isinstance(tasks, list) or not all(isinstance(t, dict) and "data" in t for t in tasks):
         raise SourceError(f"{path}: not a Label Studio JSON export (a list of tasks, each with its 'data'); "
                           "export the project as JSON")
-    source = Source(TOOL, str(path.resolve()), {}, [])
+    source = Source(TOOL, str(path.resolve()), {}, [], tells_reviewed=True)
     label_ids: dict[str, int] = {}
     for task in tasks:
         ref, names = _names(task)

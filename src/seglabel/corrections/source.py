@@ -51,6 +51,7 @@ class Source:
     ignored: frozenset[int] = frozenset()  # source ids that mean "no class" (ignored pixels)
     unknown: dict[int, str] = field(default_factory=dict)  # source id -> what it is, for ids with no label
     void_names: tuple[str, ...] = VOID_NAMES
+    tells_reviewed: bool = False  # every item is what a person submitted (Label Studio's annotations)
 
     def describe(self, source_id: int) -> str:
         if source_id in self.labels:

@@ -17,11 +17,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
 from .. import __version__
+from ..errors import UsageError
 from ..images import ImageError, file_fingerprint, oriented_size, printable
 from ..labelset import LabelSet, load_labelset, name_key, parse_labelset
 from ..layout import RUN_FILE, is_run_folder
 from ..records import iter_records, read_record
-from ..runs import check_owned
 from ..writers import check_output_folder, write_json
 from .source import ItemProblem, SourceError
 
@@ -151,10 +151,12 @@ def open_target(into: str | Path, labels: str | Path | None = None, images: Sequ
     if labelset is None:
         raise SourceError(f"--into {out}: not a seglabel run (no {RUN_FILE}); to import into a new run there, "
                           "give --labels, the label set the tool's labels belong to")
+    from ..runs import check_owned  # runs.py imports torch (checkpoints): only for a new run
+
     try:
         check_output_folder(out)
         check_owned(out)
-    except Exception as e:  # noqa: BLE001 - the refusals of an output folder, as annotate's
+    except UsageError as e:  # the refusals of an output folder, as annotate's, for --into
         raise SourceError(str(e).replace("--out", "--into")) from None
     run = {"seglabel_version": __version__, "started": now(), "argv": None, "cwd": os.getcwd(),
            "input_roots": [os.path.abspath(r) for r in images], "model": None,

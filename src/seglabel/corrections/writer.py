@@ -10,7 +10,10 @@ The check reads every image of the source before anything is written:
   imported; the others are (exit 3).
 
 An image whose mask already holds exactly these pixels, marked corrected, is left as it is (a
-rerun of the same import writes nothing). coco.json is rewritten from the records afterwards.
+rerun of the same import writes nothing). So is one whose mask the tool gives back unchanged,
+unless the tool says a person submitted it (Label Studio's annotations) or ``all_reviewed``: CVAT,
+FiftyOne and COCO exports hold every image, reviewed or not. coco.json is then rewritten from the
+records.
 """
 from __future__ import annotations
 
@@ -27,7 +30,6 @@ from ..interrupts import held
 from ..labelset import LabelSet, name_key
 from ..layout import COCO_FILE, MASKS
 from ..records import write_coco, write_labelled
-from ..runs import run_lock, settings_id
 from ..writers import OutputFolderError, read_mask
 from .source import NO_LABEL, Item, ItemProblem, Source, size_of
 from .target import Placed, Target, now, write_new_run
@@ -164,9 +166,18 @@ def _lookup(source: Source, labelset: LabelSet, used: dict[int, list[str]]) -> L
     return Lookup(lut, known)
 
 
-def write(source: Source, target: Target, planned: list[Planned], lut: Lookup, result: ImportResult,
-          argv: list[str] | None = None, on_image: Callable[[str], None] | None = None) -> ImportResult:
-    """Write each planned image (the run locked against annotate and other imports), then coco.json."""
+def write(source: Source, target: Target, planned: list[Planned], lookup: Lookup, result: ImportResult, *,
+          all_reviewed: bool = False, dry_run: bool = False, argv: list[str] | None = None,
+          on_image: Callable[[str], None] | None = None) -> ImportResult:
+    """Write each planned image (the run locked against annotate and other imports), then coco.json;
+    ``dry_run``: decide each image the same way, write nothing."""
+    if dry_run:
+        result.dry_run = True
+        for p in planned:
+            _apply(source, target, p, lookup, result, all_reviewed, dry_run=True)
+        return result
+    from ..runs import run_lock  # runs.py imports torch (checkpoints): only when writing
+
     with run_lock(target.out, None), held() as stop:
         if target.new:
             write_new_run(target, argv, "running")
@@ -174,7 +185,7 @@ def write(source: Source, target: Target, planned: list[Planned], lut: Lookup, r
         try:
             for p in planned:
                 stop.raise_if_stopped()  # between images: never a mask without its record
-                _write_one(source, target, p, lut, result)
+                _apply(source, target, p, lookup, result, all_reviewed)
                 on_image and on_image(p.item.ref)
             if target.new or (target.out / COCO_FILE).is_file():
                 write_coco(target.out, target.labelset, _coco_info(target), left_out=result.left_out)
@@ -185,7 +196,8 @@ def write(source: Source, target: Target, planned: list[Planned], lut: Lookup, r
     return result
 
 
-def _write_one(source: Source, target: Target, p: Planned, lookup: Lookup, result: ImportResult) -> None:
+def _apply(source: Source, target: Target, p: Planned, lookup: Lookup, result: ImportResult, all_reviewed: bool,
+           dry_run: bool = False) -> None:
     try:
         ids = p.item.read()
     except ItemProblem as e:  # changed since the check
@@ -208,17 +220,25 @@ def _write_one(source: Source, target: Target, p: Planned, lookup: Lookup, resul
     if same and record.get("corrected"):
         result.unchanged.append(p.placed.key)
         return
+    if same and not (source.tells_reviewed or all_reviewed):
+        result.skipped.append((p.item.ref, "the run's own labels, unchanged in the tool (which does not say whether a "
+                               "person reviewed them; --all-reviewed to mark them corrected)"))
+        return
     changed = int(mask.size if before is None or before.shape != mask.shape else np.count_nonzero(before != mask))
+    result.imported.append(p.placed.key)
+    result.changed += changed > 0
+    if dry_run:
+        return
     corrected = {"by": "person", "tool": source.tool, "source": source.path, "when": p.item.when or now(),
                  "changed_pixels": changed}
     write_labelled(target.out, p.placed.key, p.placed.file_name, mask, target.labelset,
                    settings_id=record.get("settings_id"), photo=p.photo or record.get("photo"), corrected=corrected)
-    result.imported.append(p.placed.key)
-    result.changed += changed > 0
     log.debug("imported %s (%d pixels changed)", p.placed.key, changed)
 
 
 def _coco_info(target: Target) -> dict[str, Any]:
+    from ..runs import settings_id
+
     settings = target.run.get("settings")
     return {"description": f"seglabel {target.run.get('seglabel_version', '')}: {target.labelset.name}",
             "model": target.run.get("model"), "settings_id": settings_id(settings) if settings else None}
