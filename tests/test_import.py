@@ -215,6 +215,7 @@ def test_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, args, message)
     assert snapshot(tmp_path) == before and not (tmp_path / "nowhere").exists()
 
 
+@pytest.mark.slow
 def test_dry_run_lists_and_writes_nothing(tmp_path):
     masks = street_masks()
     out = make_run(tmp_path, masks)
@@ -223,6 +224,11 @@ def test_dry_run_lists_and_writes_nothing(tmp_path):
     r = run("import", str(source), "--into", str(out), "--dry-run", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["imported"] == ["a"] and json.loads(r.stdout)["dry_run"]
+    assert len(json.loads(r.stdout)["skipped"]) == 2
+    r = run("import", str(source), "--into", str(out), "--dry-run")
+    assert r.returncode == 0 and r.stderr.splitlines() == [  # the skipped: one line per reason
+        "left as it was: 2 images, e.g. photos/c.jpg: no annotation (only predictions)",
+        "1 would be imported, 2 skipped by the annotators (left as they were), 0 not imported -> " + str(out)]
     assert snapshot(tmp_path) == before
 
 

@@ -1,5 +1,6 @@
 """``seglabel import``: flags -> ``corrections.import_corrections``; one line per image not
-imported, a summary, the exit code (0, or 3 when some images were not imported)."""
+imported, one per reason images were left as they were (``--json`` lists each), a summary, the
+exit code (0, or 3 when some images were not imported)."""
 from __future__ import annotations
 
 import sys
@@ -48,8 +49,12 @@ def import_command(
     if as_json:
         typer.echo(to_json(result.to_dict(), indent=2))
     elif not quiet:
-        for ref, reason in result.skipped:
-            typer.echo(one_line(f"left as it was: {ref}: {reason}"), err=True)
+        by_reason: dict[str, list[str]] = {}
+        for ref, reason in result.skipped:  # one line per reason: a project may hold thousands
+            by_reason.setdefault(reason, []).append(ref)
+        for reason, refs in by_reason.items():
+            shown = f"{len(refs)} images, e.g. {refs[0]}" if len(refs) > 1 else refs[0]
+            typer.echo(one_line(f"left as it was: {shown}: {reason}"), err=True)
         verb = "would be imported" if dry_run else "imported"
         kept = f", {len(result.unchanged)} already as corrected" if result.unchanged else ""
         changed = "" if dry_run else f" ({result.changed} changed)"

@@ -21,7 +21,7 @@ from ..errors import UsageError
 from ..images import ImageError, file_fingerprint, oriented_size, printable
 from ..labelset import LabelSet, load_labelset, name_key, parse_labelset
 from ..layout import RUN_FILE, is_run_folder
-from ..records import iter_records, read_record
+from ..records import HEAD_BYTES, iter_records, read_record
 from ..writers import check_output_folder, write_json
 from .source import ItemProblem, SourceError
 
@@ -43,7 +43,7 @@ class Target:
         self._by_stem: dict[str, set[str]] = {}
         self._file_names: dict[str, str] = {}
         for key, path in self.records.items():
-            file_name = str(read_record(path).get("file_name") or key)
+            file_name = _file_name(path) or key
             self._file_names[key] = file_name
             for name in {key, file_name}:
                 self._by_name.setdefault(name, set()).add(key)
@@ -119,6 +119,23 @@ class Target:
             return None, f"its photo {printable(path)}: {e.reason}"
         except OSError as e:
             return None, f"its photo {printable(path)} cannot be read ({e.strerror or type(e).__name__})"
+
+
+def _file_name(path: Path) -> str | None:
+    """A record's ``file_name``, from its head where ``write_labelled`` puts it (after the
+    fingerprints), else from the whole record: 100,000 records are read in seconds."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEAD_BYTES).decode("utf-8", "replace")
+        at = head.find('\n  "file_name": ')
+        if at >= 0:
+            name, _ = json.JSONDecoder().raw_decode(head, at + len('\n  "file_name": '))
+            if isinstance(name, str):
+                return name
+    except (OSError, ValueError):
+        pass
+    name = read_record(path).get("file_name")
+    return str(name) if name is not None else None
 
 
 def _parts(name: str) -> list[str]:
