@@ -373,3 +373,38 @@ def test_format_is_told_from_the_source(tmp_path):
     assert detect_format(out / "coco.json") == "coco"
     assert detect_format(export(out, "fiftyone").dest) == "fiftyone"
     assert detect_format("my-dataset") == "fiftyone"
+
+
+def test_an_interrupted_import_leaves_whole_images_and_a_rerun_finishes(tmp_path):
+    masks = street_masks()
+    out = make_run(tmp_path, masks)
+    fixed = {k: corrected(m) for k, m in masks.items()}
+    source = labelstudio_export(out, fixed, tmp_path / "ls.json")
+    labels = tmp_path / "street.yaml"
+    labels.write_text(json.dumps(STREET))
+    new = tmp_path / "new"
+
+    def stop(ref):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        import_corrections(source, new, labels=labels, on_image=stop)
+    assert json.loads((new / "run.json").read_text())["status"] == "interrupted"
+    written = sorted(p.relative_to(new / "records").with_suffix("").as_posix() for p in (new / "records").rglob("*.json"))
+    assert written == ["a"] and not list((new / "records").rglob("*.tmp")) and not list((new / "masks").rglob("*.tmp"))
+    np.testing.assert_array_equal(read_mask(new / "masks/a.png"), fixed["a"])
+    result = import_corrections(source, new, labels=labels)
+    assert sorted(result.imported) == ["c", "sub/b"] and result.unchanged == ["a"]
+    assert json.loads((new / "run.json").read_text())["status"] == "done"
+
+
+def test_an_import_waits_for_no_one_while_annotate_writes(tmp_path):
+    from seglabel.runs import RunError, run_lock
+
+    masks = street_masks()
+    out = make_run(tmp_path, masks)
+    source = labelstudio_export(out, {"a": corrected(masks["a"])}, tmp_path / "ls.json")
+    before = snapshot(out)
+    with run_lock(out, None), pytest.raises(RunError, match="another seglabel run is writing here"):
+        import_corrections(source, out)
+    assert snapshot(out) == before

@@ -45,7 +45,7 @@ def read_fiftyone_dir(path: str | Path, labelset: LabelSet) -> Source:
         names = [uuid] + [p for p in (manifest.get(uuid), str(data[uuid]) if uuid in data else None) if p]
         source.items.append(Item(uuid, tuple(names), None, _file_reader(mask)))
     for uuid in sorted(set(manifest) | set(data)):
-        if not (labels_dir / f"{uuid}.png").is_file() and not any((labels_dir / f"{uuid}{s}").is_file() for s in MASK_SUFFIXES):
+        if not any((labels_dir / f"{uuid}{suffix}").is_file() for suffix in MASK_SUFFIXES):
             source.skipped.append((manifest.get(uuid) or uuid, "no mask in the export (not annotated)"))
     return source
 

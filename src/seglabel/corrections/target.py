@@ -26,6 +26,9 @@ from ..writers import check_output_folder, write_json
 from .source import ItemProblem, SourceError
 
 
+MADE_BY = "seglabel import"  # run.json's made_by: a run of corrections alone, no model
+
+
 @dataclass
 class Placed:
     """Where one image of the source goes."""
@@ -35,10 +38,14 @@ class Placed:
 
 
 class Target:
-    def __init__(self, out: Path, labelset: LabelSet, run: dict[str, Any], new: bool, roots: Sequence[Path]) -> None:
-        self.out, self.labelset, self.run, self.new = out, labelset, run, new
+    """``of_imports``: a run made by imports (``--into NEW --labels``): images it lacks are added,
+    and its run.json is written by the import; ``created``: this import makes it."""
+
+    def __init__(self, out: Path, labelset: LabelSet, run: dict[str, Any], of_imports: bool, created: bool,
+                 roots: Sequence[Path]) -> None:
+        self.out, self.labelset, self.run, self.of_imports, self.created = out, labelset, run, of_imports, created
         self.roots = list(dict.fromkeys(Path(os.path.abspath(r)) for r in roots))
-        self.records: dict[str, Path] = dict(iter_records(out)) if not new else {}
+        self.records: dict[str, Path] = dict(iter_records(out))
         self._by_name: dict[str, set[str]] = {}
         self._by_stem: dict[str, set[str]] = {}
         self._file_names: dict[str, str] = {}
@@ -51,9 +58,8 @@ class Target:
 
     # -- finding the source's images ---------------------------------------------------------------
     def place(self, names: Sequence[str]) -> Placed:
-        """The run image ``names`` identify (a new one in a new run); ``ItemProblem`` if none."""
-        if self.new:
-            return self._new_image(names)
+        """The run image ``names`` identify (in a run of imports, a new one if none); else
+        ``ItemProblem``."""
         for name in names:
             parts = _parts(name)
             for i in range(len(parts)):
@@ -66,6 +72,8 @@ class Target:
             parts = _parts(name)
             if len(parts) == 1 and self._by_stem.get(PurePosixPath(parts[0]).stem):
                 return self._one(self._by_stem[PurePosixPath(parts[0]).stem], name)
+        if self.of_imports:
+            return self._new_image(names)
         raise ItemProblem(f"not an image of the run {self.out} (no image there has the file name "
                           f"{printable(names[-1] if names else '?')!r})")
 
@@ -79,7 +87,8 @@ class Target:
 
     def _new_image(self, names: Sequence[str]) -> Placed:
         """A new run's image: the longest end of a name that is a photo under ``--images``, else
-        the first name that is a file path (a bare name for an absolute path)."""
+        the seglabel key the tool kept with its photo's extension, else the first name that is a
+        file path (a bare name for an absolute path)."""
         for name in names:
             parts = _parts(name)
             for i in range(len(parts)):
@@ -88,6 +97,12 @@ class Target:
         paths = [n for n in names if PurePosixPath(n).suffix] or list(names)
         if not paths:
             raise ItemProblem("the source gives no name for this image")
+        keys = [n for n in names if not PurePosixPath(n).suffix]  # a seglabel key the tool kept
+        for key in keys:
+            for path in paths:
+                stem = str(PurePosixPath(path.replace("\\", "/")).with_suffix(""))
+                if stem == key or stem.endswith("/" + key):
+                    return self._checked_new(key + PurePosixPath(path).suffix)
         first = paths[0].replace("\\", "/")
         return self._checked_new(posixpath.basename(first) if first.startswith("/") or ":" in first else first)
 
@@ -96,7 +111,10 @@ class Target:
         if not parts or ".." in parts:
             raise ItemProblem(f"{printable(file_name)!r}: not a relative file name inside the run; not imported")
         file_name = "/".join(parts)
-        return Placed(str(PurePosixPath(file_name).with_suffix("")) or file_name, file_name, None)
+        key = str(PurePosixPath(file_name).with_suffix("")) or file_name
+        if key in self.records:  # the same key as an image it has: that image
+            return Placed(key, self._file_names[key], read_record(self.records[key]))
+        return Placed(key, file_name, None)
 
     # -- photos --------------------------------------------------------------------------------------
     def photo(self, file_name: str) -> Path | None:
@@ -161,7 +179,9 @@ def open_target(into: str | Path, labels: str | Path | None = None, images: Sequ
             raise SourceError(f"--labels {labels}: its classes are not those of {out} (its {RUN_FILE}); leave "
                               "--labels out to import into that run, or give --into a new folder")
         roots = [Path(r) for r in images] + [Path(r) for r in run.get("input_roots") or [] if isinstance(r, str)]
-        return Target(out, made_with, run, False, roots)
+        if run.get("made_by") == MADE_BY and images:
+            run["input_roots"] = sorted({*run.get("input_roots", []), *(os.path.abspath(r) for r in images)})
+        return Target(out, made_with, run, run.get("made_by") == MADE_BY, False, roots)
     if is_run_folder(out):
         raise SourceError(f"--into {out}: a seglabel run without its {RUN_FILE} (shards not merged yet?); run "
                           f"seglabel merge {out} first")
@@ -175,14 +195,15 @@ def open_target(into: str | Path, labels: str | Path | None = None, images: Sequ
         check_owned(out)
     except UsageError as e:  # the refusals of an output folder, as annotate's, for --into
         raise SourceError(str(e).replace("--out", "--into")) from None
-    run = {"seglabel_version": __version__, "started": now(), "argv": None, "cwd": os.getcwd(),
+    run = {"seglabel_version": __version__, "made_by": MADE_BY, "started": now(), "argv": None, "cwd": os.getcwd(),
            "input_roots": [os.path.abspath(r) for r in images], "model": None,
            "labelset": labelset.to_dict(), "labelset_source": labelset.source}
-    return Target(out, labelset, run, True, [Path(r) for r in images])
+    return Target(out, labelset, run, True, True, [Path(r) for r in images])
 
 
-def write_new_run(target: Target, argv: Sequence[str] | None, status: str, summary: dict[str, Any] | None = None) -> None:
-    """A new run's run.json: what made it (an import), its label set and photos' folders."""
+def write_run_of_imports(target: Target, argv: Sequence[str] | None, status: str,
+                         summary: dict[str, Any] | None = None) -> None:
+    """The run.json of a run made by imports: what made it, its label set, its photos' folders."""
     write_json(target.out / RUN_FILE, {**target.run, "argv": list(argv) if argv else None, "status": status,
                                        **({"summary": summary} if summary else {})})
 

@@ -32,7 +32,7 @@ from ..layout import COCO_FILE, MASKS
 from ..records import write_coco, write_labelled
 from ..writers import OutputFolderError, read_mask
 from .source import NO_LABEL, Item, ItemProblem, Source, size_of
-from .target import Placed, Target, now, write_new_run
+from .target import Placed, Target, now, write_run_of_imports
 
 log = logging.getLogger("seglabel")
 
@@ -79,7 +79,7 @@ def check(source: Source, target: Target) -> tuple[list[Planned], "Lookup", Impo
     """Every image read and placed; returns what to write, the lookup table source id -> class
     index, and the result so far (problems, skipped). ``ImportRefused`` for labels the run's label
     set lacks."""
-    result = ImportResult(target.out, source.path, source.tool, target.new, skipped=list(source.skipped),
+    result = ImportResult(target.out, source.path, source.tool, target.created, skipped=list(source.skipped),
                           problems=list(source.problems))
     planned, claimed, used = [], {}, {}
     for item in source.items:
@@ -179,20 +179,23 @@ def write(source: Source, target: Target, planned: list[Planned], lookup: Lookup
     from ..runs import run_lock  # runs.py imports torch (checkpoints): only when writing
 
     with run_lock(target.out, None), held() as stop:
-        if target.new:
-            write_new_run(target, argv, "running")
-        status = "interrupted"
+        if target.of_imports:
+            write_run_of_imports(target, argv, "running")
+        status = "failed"
         try:
             for p in planned:
                 stop.raise_if_stopped()  # between images: never a mask without its record
                 _apply(source, target, p, lookup, result, all_reviewed)
                 on_image and on_image(p.item.ref)
-            if target.new or (target.out / COCO_FILE).is_file():
+            if target.of_imports or (target.out / COCO_FILE).is_file():
                 write_coco(target.out, target.labelset, _coco_info(target), left_out=result.left_out)
             status = "done"
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM: the images written are whole; rerun to finish
+            status = "interrupted"
+            raise
         finally:
-            if target.new:
-                write_new_run(target, argv, status, {"imported": len(result.imported), "problems": result.problems})
+            if target.of_imports:
+                write_run_of_imports(target, argv, status, {"imported": len(result.imported), "problems": result.problems})
     return result
 
 
