@@ -20,7 +20,7 @@ from seglabel.corrections import import_corrections
 from seglabel.corrections.writer import ImportRefused
 from seglabel.errors import UsageError
 from seglabel.exports import export
-from seglabel.exports.brush_rle import BrushError, decode_mask, encode, encode_mask
+from seglabel.exports.brush_rle import BrushError, decode_mask, encode_mask
 from seglabel.writers import encode_mask_png
 from test_annotate_cli import run
 
