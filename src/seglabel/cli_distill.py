@@ -8,12 +8,11 @@ is what torchrun runs (``torchrun --nproc_per_node 4 -m seglabel distill ...``).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
 
@@ -29,7 +28,6 @@ from .cli_handler import (
     guarded,
     option,
 )
-from .errors import one_line
 from .writers import check_output_folder
 
 
@@ -143,37 +141,13 @@ def distill(
         log_every=log_every, val_images=str(val_images) if val_images else None,
         val_masks=str(val_masks) if val_masks else None, val_every=val_every, workers=workers, device=device,
         amp=amp, seed=seed, quiet=quiet, argv=list(sys.argv))
-    with messages(quiet or int(os.environ.get("RANK", 0)) != 0):
-        ready = plan(cfg)  # every refusal comes here, before anything is built or written
-        if dry_run:
-            for line in ready.lines():
-                typer.echo(line)
-            return exitcodes.OK
-        train(ready, progress_bar=False)  # on Ctrl-C or SIGTERM it saves last.pt before the interrupt reaches the handler
+    if int(os.environ.get("RANK", 0)) != 0:  # one process reports progress; guarded restores the level
+        logging.getLogger("seglabel").setLevel(logging.WARNING)
+    ready = plan(cfg)  # every refusal comes here, before anything is built or written
+    if dry_run:
+        for line in ready.lines():
+            typer.echo(line)
+        return exitcodes.OK
+    train(ready, progress_bar=False)  # on Ctrl-C or SIGTERM it saves last.pt before the interrupt reaches the handler
     return exitcodes.OK
 
-
-class _Lines(logging.Formatter):
-    """Progress as it is; warnings as every command prints them (``seglabel: warning: ...``)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = one_line(record.getMessage())
-        return text if record.levelno < logging.WARNING else f"seglabel: {record.levelname.lower()}: {text}"
-
-
-@contextlib.contextmanager
-def messages(quiet: bool) -> Iterator[None]:
-    """The library's messages on stderr while the command runs: warnings always, progress unless quiet."""
-    logger = logging.getLogger("seglabel")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Lines())
-    before, propagate = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    logger.propagate = False
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(before)
-        logger.propagate = propagate
