@@ -85,7 +85,7 @@ def test_crops_take_the_cached_labels_of_their_scale(tmp_path, teacher):
     for factor, level in ((0.5, 0), (2.0, 2)):
         aug = Augment(crop=128, base_size=32, scale_range=(factor, factor), flip=False, photometric=False)
         data = PairDataset([Pair("a", paths[0], None)], aug, (0, 0, 0), (1, 1, 1), 255, cache=cache)
-        _, target, sure = data[0]
+        _, target, sure, _ = data[0]
         ids, _, margin = cache.read(level, "a", 255)
         h, w = ids.shape
         assert torch.equal(target[:h, :w], torch.from_numpy(ids)) and (target[h:] == 255).all()

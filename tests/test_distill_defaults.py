@@ -276,7 +276,7 @@ def test_offline_labels_below_min_confidence_are_ignored(tmp_path):
     scan = scan_pairs(photos, masks, 3, 255, scores=scores)
     assert scan.pairs[0].scores == scores / "a.png"
     aug = Augment(crop=32, base_size=32, scale_range=(1.0, 1.0), flip=False, photometric=False)
-    _, target, _ = PairDataset(scan.pairs, aug, (0, 0, 0), (1, 1, 1), 255, min_confidence=0.5)[0]
+    _, target, _, _ = PairDataset(scan.pairs, aug, (0, 0, 0), (1, 1, 1), 255, min_confidence=0.5)[0]
     assert (target[:, :16] == 255).all() and (target[:, 16:] == 1).all()
     # a mask without its confidence map is a reported skip
     (scores / "a.png").unlink()

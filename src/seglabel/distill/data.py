@@ -2,6 +2,10 @@
 checked before training starts (dataset.py samples and augments them). seglabel's own output
 folders found under the images (an earlier annotate's masks and overlays) are not training photos:
 they are left out and listed, by the rule annotate follows (images.find_images).
+
+Images a person corrected (their record in --pseudo's run says so, as ``records.current_record``
+reads it: an import, or a mask edited by hand) are ground truth: their masks are trained on as
+written, with or without a teacher (``Pair.corrected``; the training loop keeps them as they are).
 """
 from __future__ import annotations
 
@@ -14,7 +18,10 @@ from PIL import Image
 
 from ..errors import UsageError
 from ..images import ImageError, find_images
-from ..writers import OutputFolderError, read_mask as read_mask_file
+from ..labelset import LabelSet
+from ..layout import MASKS, RECORDS
+from ..records import current_record, iter_records, read_record_head
+from ..writers import OutputError, OutputFolderError, read_mask as read_mask_file
 
 log = logging.getLogger("seglabel")
 
@@ -29,6 +36,7 @@ class Pair:
     image: Path
     mask: Path | None  # None: labels come from an online teacher
     scores: Path | None = None  # the teacher's confidence per pixel (annotate --save-scores)
+    corrected: bool = False  # a person's mask: trained on as written, never relabelled by a teacher
 
 
 @dataclass
@@ -36,6 +44,17 @@ class PairScan:
     pairs: list[Pair]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     outputs: list[str] = field(default_factory=list)  # seglabel output folders under the images, left out
+    run_records: bool = False  # --pseudo is a run with records: the corrected count is told, 0 included
+
+    @property
+    def corrected(self) -> int:
+        return sum(pair.corrected for pair in self.pairs)
+
+    def corrected_note(self) -> str:
+        """" (N corrected by a person: ...)" for the plan and the log; "" without a run's records."""
+        if not self.run_records:
+            return ""
+        return f" ({self.corrected} corrected by a person: trained on as written, no teacher)"
 
     def report(self) -> None:
         """Every skip on its own line (warnings: shown under --quiet too), then the count."""
@@ -43,8 +62,41 @@ class PairScan:
             log.warning(f"{folder}: a seglabel run's output (masks, overlays...), not training photos: skipped")
         for path, reason in self.skipped:
             log.warning(f"skipped: {path}: {reason}")
-        log.info(f"{len(self.pairs)} training images" + (f", {len(self.skipped)} skipped" if self.skipped else "")
+        log.info(f"{len(self.pairs)} training images{self.corrected_note()}"
+                 + (f", {len(self.skipped)} skipped" if self.skipped else "")
                  + (f", {len(self.outputs)} seglabel output folders left out" if self.outputs else ""))
+
+
+@dataclass
+class Corrections:
+    """The images of --pseudo's run whose masks a person made, by their records."""
+    masks: dict[str, Path] = field(default_factory=dict)  # key -> the corrected mask
+    problems: dict[str, tuple[str, str]] = field(default_factory=dict)  # key -> (path, why it cannot be used)
+    found: bool = False  # the folder is a run with records
+
+
+def find_corrections(run: Path, labelset: LabelSet) -> Corrections:
+    """Every record of ``run`` as ``records.current_record`` reads it (the one reader: an imported
+    correction, or a mask edited by hand since it was written). A person's mask that cannot be used,
+    or a record that cannot be read (it may be a person's), is a problem: that image is skipped,
+    never handed to a teacher in its place."""
+    if not (run / RECORDS).is_dir():
+        return Corrections()
+    found = Corrections(found=True)
+    for key, record_file in iter_records(run):
+        try:
+            head = read_record_head(record_file)
+        except OutputError as e:
+            found.problems[key] = (str(record_file), str(e).split(": ", 1)[-1])
+            continue
+        now = current_record(run, key, labelset, stored=head)
+        mask = run / MASKS / f"{key}.png"
+        if now.problem:
+            if head.get("corrected") or mask.exists():  # a missing mask nobody corrected: the teacher's to label
+                found.problems[key] = now.problem
+        elif now.record.get("corrected"):
+            found.masks[key] = mask
+    return found
 
 
 def mask_files(folder: Path) -> dict[str, Path]:
@@ -87,57 +139,74 @@ def read_scores(path: Path) -> np.ndarray:
 
 
 def scan_pairs(images: Path, masks: Path | None, num_classes: int, ignore_index: int,
-               scores: Path | None = None, exclude: tuple[Path, ...] = ()) -> PairScan:
+               scores: Path | None = None, exclude: tuple[Path, ...] = (),
+               corrections: Corrections | None = None) -> PairScan:
     """Match images and masks (and, given ``scores``, confidence maps) by relative path and check
-    each mask: readable, the image's size, class ids inside the label set. Problems become
-    reported skips; no usable pair is an error. Folders in ``exclude`` (distill's own --out) are
-    never entered; seglabel's output folders are left out and listed (images.find_images)."""
+    each mask: readable, the image's size, class ids inside the label set. ``masks`` None: a
+    teacher labels the images, except those in ``corrections`` (a person's masks, checked the same
+    way; without confidence maps: there is no teacher's confidence to filter them by). Problems
+    become reported skips; no usable pair is an error. Folders in ``exclude`` (distill's own
+    --out) are never entered; seglabel's output folders are left out and listed (images.find_images)."""
+    corrections = corrections or Corrections()
     if not images.is_dir():
         raise DataError(f"{images}: no such image folder (--images)")
     found = find_images([images], exclude=exclude)
     items, runs = found.items, found.skipped_outputs
     skipped = [(p.path, p.reason) for p in found.problems]
-    if masks is None:
-        if not items:
-            raise DataError(f"{images}: no training images found" + (" outside seglabel output folders" if runs else ""))
-        return PairScan([Pair(i.key, i.path, None) for i in items], skipped, runs)
-    if not masks.is_dir():
+    if masks is None and not items:
+        raise DataError(f"{images}: no training images found" + (" outside seglabel output folders" if runs else ""))
+    if masks is not None and not masks.is_dir():
         raise DataError(f"{masks}: no such mask folder")
-    by_key = mask_files(masks)
+    by_key = mask_files(masks) if masks is not None else {}
     score_files = mask_files(scores) if scores is not None else {}
     pairs = []
     for item in items:
         mask = by_key.pop(item.key, None)
+        if item.key in corrections.problems:
+            skipped.append(corrections.problems[item.key])
+            continue
+        written = corrections.masks.get(item.key)
+        if masks is None and written is None:  # the teacher's to label
+            pairs.append(Pair(item.key, item.path, None))
+            continue
+        mask = written or mask
         if mask is None:
             skipped.append((str(item.path), f"no mask {item.key}.png in {masks}"))
             continue
-        score = score_files.get(item.key)
-        if scores is not None and score is None:
+        score = None if written else score_files.get(item.key)
+        if scores is not None and score is None and not written:
             skipped.append((str(mask), f"no confidence map {item.key}.png in {scores}"))
             continue
-        try:
-            ids = read_mask(mask, ignore_index)
-            size = image_size(item.path)
-            conf_shape = read_scores(score).shape if score is not None else size
-        except OutputFolderError as e:
-            skipped.append((str(mask), str(e).split(": ", 1)[-1]))
+        problem = _pair_problem(item.path, mask, score, num_classes, ignore_index)
+        if problem:
+            skipped.append(problem)
             continue
-        except (OSError, ValueError, ImageError, SyntaxError, Image.DecompressionBombError) as e:
-            skipped.append((str(mask), f"cannot be read: {e}"))
-            continue
-        if ids.shape != size or conf_shape != size:
-            bad = mask if ids.shape != size else score
-            shape = ids.shape if ids.shape != size else conf_shape
-            skipped.append((str(bad), f"size {shape[1]}x{shape[0]} differs from its image {size[1]}x{size[0]}"))
-            continue
-        bad = ids[((ids >= num_classes) & (ids != ignore_index)) | (ids < 0)]
-        if bad.size:
-            skipped.append((str(mask), f"class id {int(bad.max())} is outside the label set "
-                                       f"(0..{num_classes - 1}, {ignore_index} = ignore)"))
-            continue
-        pairs.append(Pair(item.key, item.path, mask, score))
+        pairs.append(Pair(item.key, item.path, mask, score, corrected=written is not None))
     skipped += [(str(p), "mask without an image") for p in by_key.values()]
     if not pairs:
         first = f" (first problem: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
-        raise DataError(f"no usable (image, mask) pair in {images} and {masks}{first}")
-    return PairScan(pairs, skipped, runs)
+        where = f"{images} and {masks}" if masks is not None else str(images)
+        raise DataError(f"no usable (image, mask) pair in {where}{first}")
+    return PairScan(pairs, skipped, runs, run_records=corrections.found)
+
+
+def _pair_problem(image: Path, mask: Path, score: Path | None, num_classes: int,
+                  ignore_index: int) -> tuple[str, str] | None:
+    """(file, why) when ``mask`` (or ``score``) cannot train on ``image``, else None."""
+    try:
+        ids = read_mask(mask, ignore_index)
+        size = image_size(image)
+        conf_shape = read_scores(score).shape if score is not None else size
+    except OutputFolderError as e:
+        return str(mask), str(e).split(": ", 1)[-1]
+    except (OSError, ValueError, ImageError, SyntaxError, Image.DecompressionBombError) as e:
+        return str(mask), f"cannot be read: {e}"
+    if ids.shape != size or conf_shape != size:
+        bad = mask if ids.shape != size else score
+        shape = ids.shape if ids.shape != size else conf_shape
+        return str(bad), f"size {shape[1]}x{shape[0]} differs from its image {size[1]}x{size[0]}"
+    bad_ids = ids[((ids >= num_classes) & (ids != ignore_index)) | (ids < 0)]
+    if bad_ids.size:
+        return str(mask), (f"class id {int(bad_ids.max())} is outside the label set "
+                           f"(0..{num_classes - 1}, {ignore_index} = ignore)")
+    return None

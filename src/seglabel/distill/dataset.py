@@ -35,12 +35,14 @@ class Augment:
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Item ``n`` (a global sample number) -> (normalised image crop, int64 mask crop, sureness).
+    """Item ``n`` (a global sample number) -> (normalised image crop, int64 mask crop, sureness,
+    corrected).
 
     The sample number picks the pair (a fresh permutation per epoch) and seeds the augmentation.
     The mask is the pair's, or with a cached teacher its labels at the level nearest the drawn
     scale (sureness: the margin of its two best classes, else an empty tensor); with an online
-    teacher it is 0 on the image and ``ignore`` on the padding."""
+    teacher it is 0 on the image and ``ignore`` on the padding. A pair a person corrected always
+    gives its own mask as written (``corrected`` True: the training loop keeps it, no teacher)."""
 
     def __init__(self, pairs: list[Pair], aug: Augment, mean, std, ignore_index: int, seed: int = 0,
                  min_confidence: float = 0.0, cache: "TeacherCache | None" = None):
@@ -57,7 +59,7 @@ class PairDataset(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return int(torch.randperm(len(self.pairs), generator=g)[pos])
 
-    def __getitem__(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         pair = self.pairs[self.pair_index(n)]
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * n + 1)
         rand = lambda: float(torch.rand((), generator=g))  # noqa: E731
@@ -66,7 +68,11 @@ class PairDataset(torch.utils.data.Dataset):
         sure = None
         try:
             rgb = load_image(pair.image)
-            if self.cache is not None:
+            if pair.corrected:  # ground truth: no teacher's labels, confidence or sureness
+                mask, conf = read_mask(pair.mask, self.ignore), None
+                if self.cache is not None:  # batched with cached labels' sureness; never read for it
+                    sure = np.zeros(mask.shape, np.float32)
+            elif self.cache is not None:
                 from .cache import nearest_level
 
                 mask, conf, sure = self.cache.read(nearest_level(factor, self.cache.levels), pair.key, self.ignore)
@@ -81,8 +87,9 @@ class PairDataset(torch.utils.data.Dataset):
         except (ImageError, OSError, ValueError) as e:  # changed on disk since the scan
             log.warning(f"{pair.image}: skipped this time ({e})")
             return self[n + 1]
-        return self.augment(torch.from_numpy(rgb).permute(2, 0, 1).float(), torch.from_numpy(mask),
-                            None if sure is None else torch.from_numpy(sure), factor, rand)
+        img, mask, sure = self.augment(torch.from_numpy(rgb).permute(2, 0, 1).float(), torch.from_numpy(mask),
+                                       None if sure is None else torch.from_numpy(sure), factor, rand)
+        return img, mask, sure, torch.tensor(pair.corrected)
 
     def augment(self, img: torch.Tensor, mask: torch.Tensor, sure: torch.Tensor | None, factor: float,
                 rand) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

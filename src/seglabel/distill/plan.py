@@ -4,8 +4,8 @@ any model is built or any file written (``seglabel distill --dry-run`` prints it
 What it settles: the processes (torchrun), the device and its defaults, --pseudo's run record,
 the label set and CLIP text encoder, the teacher (its recipe, rebuilt from the record, and
 whether it labels online or into a cache), the student's architecture and losses, the training
-scale, the images (and the masks skipped and why), the number of iterations and, with a last.pt
-in --out, whether and how the run resumes.
+scale, the images (the masks skipped and why; those a person corrected, trained on as written),
+the number of iterations and, with a last.pt in --out, whether and how the run resumes.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from .backbone import IMAGENET, check_backbone
 from .cache import FOLDER as CACHE_FOLDER, scale_levels
 from .config import (AFFINITY_WEIGHT, IGNORE_UNSURE, TEACHER_LABELS, UPSAMPLE, DeviceDefaults, DistillConfig,
                      default_iters, device_defaults)
-from .data import DataError, PairScan, scan_pairs
+from .data import DataError, PairScan, find_corrections, scan_pairs
 from .state import LAST, check_resumable, read_last, saved_schedule
 from .teacher import known_protocol, labels_mode, resolve_teacher, teacher_recipe
 
@@ -86,7 +86,8 @@ class Plan:
                      + (f"; the teacher's least sure {c.ignore_unsure:.0%} of pixels ignored" if c.ignore_unsure else "")
                      + (f"; pixels below confidence {c.min_confidence:g} ignored" if c.min_confidence else ""))
         outputs = self.scan.outputs
-        lines.append(f"images: {len(self.scan.pairs)} to train on in {c.images}; {len(self.scan.skipped)} skipped"
+        lines.append(f"images: {len(self.scan.pairs)} to train on in {c.images}{self.scan.corrected_note()}; "
+                     f"{len(self.scan.skipped)} skipped"
                      + (f"; {len(outputs)} seglabel output folders left out" if outputs else ""))
         lines += [f"  skipped: {path}: {reason}" for path, reason in self.scan.skipped]
         lines += [f"  left out: {folder} (a seglabel run's output)" for folder in outputs]
@@ -137,8 +138,9 @@ def plan(cfg: DistillConfig) -> Plan:
         if cfg.iters is None:  # not given: the resumed run's own plan
             cfg = replace(cfg, iters=saved_schedule(last)[-1][1])
         schedule = check_resumable(cfg, last, out / LAST)
+    corrections = find_corrections(Path(cfg.pseudo), labelset) if cfg.pseudo else None  # a person's masks
     scan = scan_pairs(Path(cfg.images), None if spec else masks, len(labelset), labelset.ignore_index,
-                      scores=_score_folder(cfg, masks), exclude=(out,))
+                      scores=_score_folder(cfg, masks), exclude=(out,), corrections=corrections)
     if cfg.iters is None:
         cfg = replace(cfg, iters=default_iters(len(scan.pairs), cfg.batch_size))
     levels = scale_levels(cfg.scale_min, cfg.scale_max) if mode == "cached" else []

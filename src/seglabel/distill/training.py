@@ -1,7 +1,8 @@
 """``seglabel distill``'s training: the plan, the pieces it asks for, then one loop, top to bottom.
 
 Per iteration: the batch (with an online teacher, its labels for these very crops; with a cached
-one, its labels came with the crop), the least sure teacher pixels ignored, poly lr, forward,
+one, its labels came with the crop), the least sure teacher pixels ignored, the masks a person
+corrected kept as written in place of any teacher's (``student_targets``), poly lr, forward,
 cross-entropy on logits upsampled to the crop (+ the colour-affinity term), SGD step; now and then
 log, validate and save. ``student.pt`` at the end holds what ``annotate --model student:PATH``
 needs. Resuming from ``out/last.pt`` continues exactly where it stopped (state.py).
@@ -74,15 +75,16 @@ def train(cfg: DistillConfig | Plan, on_iteration: Callable[[int, DeepLabV2Stude
     it = start
     try:
         net.train()
-        for images, target, sure in loader:
-            images, target, sure = (t.to(device, non_blocking=True) for t in (images, target, sure))
-            inside = target != ignore  # the image, not the crop's padding
+        for images, written, sure, corrected in loader:
+            images, written, sure, corrected = (t.to(device, non_blocking=True)
+                                                for t in (images, written, sure, corrected))
+            inside = written != ignore  # the image, not the crop's padding (nor a corrected mask's ignore)
+            labels = written
             if online and (not cfg.self_train_after or it < cfg.self_train_after):
-                target, sure = teacher.crops(images, target, model.mean, model.std, ignore, cfg.min_confidence)
+                labels, sure = teacher.crops(images, written, model.mean, model.std, ignore, cfg.min_confidence)
             if cfg.self_train_after and it >= cfg.self_train_after:
-                target, sure = _self_labels(model, images, target, ignore), sure[:0]
-            if cfg.ignore_unsure and sure.numel():
-                target = ignore_least_sure(target, sure, cfg.ignore_unsure, ignore)
+                labels, sure = _self_labels(model, images, written, ignore), sure[:0]
+            target = student_targets(written, corrected, labels, sure, cfg.ignore_unsure, ignore)
             lr = scheduled_lr(it, schedule, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -157,7 +159,8 @@ def _from_record(p: Plan) -> bool:
 
 def _recorded(p: Plan, teacher: Teacher | None) -> dict[str, Any]:
     """What config.json says beyond the settings: where the defaults come from, the teacher as built."""
-    extra: dict[str, Any] = {"defaults": {"device": p.device.type, "measured": p.defaults.measured}}
+    extra: dict[str, Any] = {"defaults": {"device": p.device.type, "measured": p.defaults.measured},
+                             "corrected_images": p.scan.corrected}  # a person's masks, trained on as written
     if teacher is not None:
         extra["teacher_settings"] = {"method": teacher.model.describe(), "protocol": dataclasses.asdict(teacher.protocol),
                                      "rebuilt_from": p.run_source if _from_record(p) else None}
@@ -169,7 +172,8 @@ def _cache(p: Plan, teacher: Teacher) -> TeacherCache:
     cache = TeacherCache(p.out, p.levels, p.cfg.base_size)
     identity = {"model": p.cfg.teacher, "settings": _recorded(p, teacher)["teacher_settings"]}
     t0 = time.perf_counter()
-    n = cache.build(teacher, [(pair.key, pair.image) for pair in p.scan.pairs], identity, p.rank, p.world,
+    photos = [(pair.key, pair.image) for pair in p.scan.pairs if not pair.corrected]  # a person's: no teacher
+    n = cache.build(teacher, photos, identity, p.rank, p.world,
                     barrier=dist.barrier if p.world > 1 else lambda: None)
     if n:
         log.info(f"teacher: {n} photo labellings in {time.perf_counter() - t0:.0f} s")
@@ -206,6 +210,18 @@ def _loader(p: Plan, model: DeepLabV2Student, cache: TeacherCache | None, start:
         pin_memory=device.type == "cuda", persistent_workers=False)
 
 
+def student_targets(written: torch.Tensor, corrected: torch.Tensor, labels: torch.Tensor, sure: torch.Tensor,
+                    ignore_unsure: float, ignore_index: int) -> torch.Tensor:
+    """What the student learns from: the teacher's ``labels`` (its least sure ``ignore_unsure``
+    fraction ignored, ranked among its own pixels only), except on the samples a person corrected
+    (``corrected``, one flag per sample), whose masks stay as ``written``, ignored pixels included.
+    (An online teacher labels their crops with the others, and that is thrown away: one batch.)"""
+    taught = ~corrected.view(-1, 1, 1)
+    if ignore_unsure and sure.numel():
+        labels = ignore_least_sure(torch.where(taught, labels, ignore_index), sure, ignore_unsure, ignore_index)
+    return torch.where(taught, labels, written)
+
+
 @torch.no_grad()
 def _self_labels(model: DeepLabV2Student, images, target, ignore_index: int) -> torch.Tensor:
     """Self-training: the student's own argmax replaces the pseudo-labels (padding stays ignored)."""
@@ -217,4 +233,4 @@ def _self_labels(model: DeepLabV2Student, images, target, ignore_index: int) -> 
     return torch.where(target == ignore_index, ignore_index, logits.argmax(1))
 
 
-__all__ = ["train", "LAST", "STUDENT", "LOG", "read_last", "saved_schedule"]
+__all__ = ["train", "student_targets", "LAST", "STUDENT", "LOG", "read_last", "saved_schedule"]
