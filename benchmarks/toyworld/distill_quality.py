@@ -74,7 +74,7 @@ def teacher_flags(short_side: int, options: dict[str, str]) -> list[str]:
 def images_per_second(models: dict, images: list, short_side: int, passes: int = 5) -> dict[str, float]:
     """Predictor.predict (resize, model, upsampling, softmax) on decoded photos, batches of 16, each
     model in turn within every pass; the best pass of each."""
-    predictors = {name: Predictor(model, Protocol(short_side=short_side), batch_size=16, own_protocol=False)
+    predictors = {name: Predictor(model, Protocol(short_side=short_side), batch_size=16)
                   for name, model in models.items()}
     best = {name: float("inf") for name in models}
     for done in range(passes + 1):  # pass 0 warms up (allocations, thread pools) and is not counted
