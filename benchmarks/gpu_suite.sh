@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# seglabel's GPU figures in one command, in under 8 minutes on one CUDA GPU:
+# seglabel's GPU figures in one command, in under 9 minutes on one CUDA GPU:
 #   1. annotate end to end (ViT-B/16 with random weights of the real architecture, default method,
 #      short side 512, bf16, batch 32, 640x480 JPEGs made here), JPEGs decoded on the CPU and on
 #      the GPU, against Predictor alone and the model alone on pre-loaded batches; peak GPU memory;
 #   2. distill: DeepLabv2-R101 training iterations/s at crop 512, batch 16, AMP; peak GPU memory;
-#      and the toy world's MaskCLIP+ loop on the GPU (does the student beat its teacher there too);
+#      and the toy world's MaskCLIP+ loop on the GPU with both defaults (does the student beat its
+#      teacher there too): the CUDA default (ImageNet ResNet-101, cross-entropy alone; offline, give
+#      the weights file as BACKBONE_WEIGHTS=FILE) and the CPU default (ResNet-18/16, random init);
 #   3. the test suite's CUDA-marked tests;
 #   4. how far GPU-decoded pixels and labels are from the CPU path's;
 #   5. the writers' speed per core on this machine's CPU.
@@ -12,7 +14,8 @@
 #   bash benchmarks/gpu_suite.sh              # on a CUDA machine
 #   bash benchmarks/gpu_suite.sh --cpu-smoke  # on a CPU, tiny sizes: proves the script works (CI)
 #
-# Environment: PYTHON (default python3), IMAGES (photos, default 8192). Needs seglabel's
+# Environment: PYTHON (default python3), IMAGES (photos, default 8192), BACKBONE_WEIGHTS (the
+# student's ImageNet ResNet-101 weights file where they cannot be downloaded). Needs seglabel's
 # dependencies importable (torch, torchvision, open_clip, pycocotools); seglabel itself is taken
 # from this checkout. Exit status: 0 when every step ran, 1 when one failed or ran out of time,
 # 2 when it cannot start (no CUDA without --cpu-smoke, a missing package).
@@ -35,14 +38,16 @@ if [ "$SMOKE" = 1 ]; then
   DEVICE=cpu; MODEL=(--model maskclip:tiny-vit --model-config tests/fixtures/tiny-vit.json)
   IMAGES=${IMAGES:-12}; SIZE=120x160; SHORT=64; BATCH=4; PRECISION=fp32
   DISTILL=(--device cpu --depth 18 --crop 64 --batch 1 --iters 1 --warmup 0 --classes 5)
-  TOY_DISTILL=(--train-n 8 --test-n 4 --short-side 32 -- --device cpu --iters 2 --workers 0)
-  BUDGET=420  # generous: CI machines are slow and shared; the 8 minutes are for the GPU run
+  TOY_DISTILL=(--train-n 8 --test-n 4 --short-side 32 --speed-images 4 -- --device cpu --iters 2 --workers 0)
+  TOY_CUDA_DEFAULTS=(--backbone-weights none)  # no download in a smoke run
+  BUDGET=480  # generous: CI machines are slow and shared; the 9 minutes are for the GPU run
 else
   DEVICE=cuda; MODEL=(--model maskclip:ViT-B-16)
   IMAGES=${IMAGES:-8192}; SIZE=480x640; SHORT=512; BATCH=32; PRECISION=bf16
   DISTILL=(--device cuda --depth 101 --crop 512 --batch 16 --iters 20 --warmup 3 --amp)
   TOY_DISTILL=(-- --device cuda)
-  BUDGET=450  # seconds for all steps: the whole suite stays under 8 minutes
+  TOY_CUDA_DEFAULTS=(${BACKBONE_WEIGHTS:+--backbone-weights "$BACKBONE_WEIGHTS"})
+  BUDGET=540  # seconds for all steps: the whole suite stays under 9 minutes
 fi
 
 if ! missing=$("$PY" - <<'EOF'
@@ -112,8 +117,11 @@ runpy.run_path("benchmarks/distill_speed.py", run_name="__main__")
 if torch.cuda.is_available() and "cuda" in sys.argv:
     print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")' "${DISTILL[@]}"
 
-step "distill on the toy world: teacher and student mIoU on held-out scenes" 120 \
-  "$PY" benchmarks/toyworld/distill_quality.py "${TOY_DISTILL[@]}"
+step "distill on the toy world, the CUDA defaults (ImageNet ResNet-101): teacher and student mIoU, speed" 150 \
+  "$PY" benchmarks/toyworld/distill_quality.py "${TOY_DISTILL[@]}" "${TOY_CUDA_DEFAULTS[@]}"
+
+step "distill on the toy world, the CPU defaults (ResNet-18 width 16, random init, colour prior, guided upsampling)" 120 \
+  "$PY" benchmarks/toyworld/distill_quality.py "${TOY_DISTILL[@]}" --depth 18 --width 16 --backbone-weights none --upsample guided
 
 CUDA_TESTS=$(grep -l "pytest.mark.cuda" tests/test_*.py | tr '\n' ' ')
 # shellcheck disable=SC2086

@@ -53,7 +53,7 @@ def main() -> None:
     from seglabel.labelset import LabelSet
     from seglabel.models.lseg import LSeg
     from seglabel.models.lseg_net import build_lseg_net
-    from seglabel.predict import Predictor, Protocol, bilinear_matrix
+    from seglabel.predict import Predictor, Protocol, bilinear_matrix, resolve_protocol
     from seglabel.tta import scale_logits
 
     torch.manual_seed(0)
@@ -61,9 +61,8 @@ def main() -> None:
     model = LSeg(net.eval()).eval()
     labels = ["a", "b", "c", "d", "e", "f"]
     model.set_labels(LabelSet.from_names(labels))
-    default = Predictor(model, Protocol())  # annotate with no protocol flag
-    before = Predictor(model, Protocol())
-    before.protocol = Protocol()  # the old default: one whole-image pass, as if unresolved
+    default = Predictor(model, resolve_protocol(model))  # annotate with no protocol flag: the model's own
+    before = Predictor(model, Protocol())  # the old default: one whole-image pass
     print(f"{'full-size' if args.full else 'small test'} LSeg {args.variant}, random weights, {len(labels)} labels; "
           f"default protocol: tta={default.protocol.tta} scales={default.protocol.scales} flip={default.protocol.flip}")
     rng = np.random.default_rng(0)

@@ -6,8 +6,8 @@ import torch
 
 from seglabel.checkpoints import CheckpointError
 from seglabel.labelset import LabelSet
-from seglabel.models.deeplab import (DeepLabV2Student, StudentArch, detect_layout, load_backbone,
-                                     student_checkpoint, student_from_checkpoint)
+from seglabel.distill.backbone import detect_layout, load_backbone
+from seglabel.models.deeplab import DeepLabV2Student, StudentArch, student_checkpoint, student_from_checkpoint
 
 SMALL = dict(depth=18, block="basic", layers=(1, 1, 1, 1), width=8, stem_width=16)
 
@@ -122,3 +122,39 @@ def test_wrong_depth_is_refused_in_one_line():
     model = DeepLabV2Student(StudentArch.resnet(101, embed_dim=16))
     with pytest.raises(CheckpointError, match="is --depth right"):
         load_backbone(model.backbone, torchvision.models.resnet50().state_dict(), "r50.pth")
+
+
+def test_aspp_on_a_map_smaller_than_its_dilations_is_exact():
+    """64 px inputs give 8 x 8 maps: dilations 12-24 read only padding outside the centre tap, which
+    the ASPP computes as a 1x1 conv (the same values and gradients, a ninth of the work)."""
+    from seglabel.models.deeplab import ASPPv2
+
+    torch.manual_seed(0)
+    aspp = ASPPv2(16, 8, (2, 6, 12, 24)).eval()
+    for size in ((8, 8), (6, 30), (30, 30)):
+        x = torch.randn(2, 16, *size, requires_grad=True)
+        full = sum(branch(x) for branch in aspp.branches)  # every branch as a plain 3x3 conv
+        fast = aspp(x)
+        torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+        (g_full,) = torch.autograd.grad(full.square().sum(), x)
+        (g_fast,) = torch.autograd.grad(fast.square().sum(), x)
+        torch.testing.assert_close(g_fast, g_full, atol=1e-4, rtol=1e-4)
+
+
+def test_student_fused_for_inference_labels_the_same(tmp_path):
+    from seglabel.models.deeplab import build_student
+
+    torch.manual_seed(0)
+    model, labelset = small_student(classes=["sky", "grass", "road"])
+    for m in model.modules():  # batch norms with statistics, as a trained student has
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    torch.save(student_checkpoint(model, labelset), tmp_path / "student.pt")
+    fused = build_student(str(tmp_path / "student.pt"))
+    assert fused.fused and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model.eval()(x), atol=1e-4, rtol=1e-4)

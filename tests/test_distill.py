@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import TINY_CONFIGS, write_images
 from seglabel.distill import DistillConfig, poly_lr, segmentation_loss, train
-from seglabel.distill_data import DataError, scan_pairs
+from seglabel.distill.data import DataError, scan_pairs
 from seglabel.labelset import load_labelset
 
 SMALL_ARCH = {"depth": 18, "block": "basic", "layers": [1, 1, 1, 1], "width": 8, "stem_width": 16}
@@ -284,7 +284,7 @@ def test_pseudo_folder_with_run_record_needs_no_labels_flag(data, tiny_weights, 
     assert [c["name"] for c in ckpt["labelset"]["classes"]] == ["sky", "grass", "road"]
 
 
-def test_bad_pairs_are_reported_skips(tmp_path):
+def test_bad_pairs_are_reported_skips(tmp_path, caplog):
     write_images(tmp_path / "photos", ["ok.png", "nomask.png", "small.png", "badid.png"], size=SIZE)
     write_masks(tmp_path / "m", ["ok.png", "orphan.png"])
     write_masks(tmp_path / "m", ["small.png"], size=(20, 20))
@@ -296,7 +296,11 @@ def test_bad_pairs_are_reported_skips(tmp_path):
     assert "differs from its image" in reasons["small"]
     assert "class id 7 is outside the label set" in reasons["badid"]
     assert "mask without an image" in reasons["orphan"]
-    assert "4 skipped" in scan.report()
+    with caplog.at_level("INFO", logger="seglabel"):
+        scan.report()
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert sorted(Path(line.split(": ")[1]).stem for line in warned) == ["badid", "nomask", "orphan", "small"]
+    assert any("1 training images, 4 skipped" in r.getMessage() for r in caplog.records if r.levelname == "INFO")
 
 
 def test_no_usable_pair_is_one_clear_error(tmp_path):
@@ -336,3 +340,36 @@ def test_online_teacher_self_training_and_validation(data, tiny_weights, small_l
     mious = [r["val_miou"] for r in log if "val_miou" in r]
     assert len(mious) == 2 and all(0.0 <= v <= 1.0 for v in mious)
     assert torch.load(data / "run" / "student.pt", weights_only=True)["trained"]["teacher"] == "maskclip:tiny-vit"
+
+
+def test_the_python_api_shows_a_tqdm_bar_unless_quiet(data, tiny_weights, small_labelset, capfd):
+    """Issue 25 item 5: a distill started from Python (a notebook) shows its progress; the command
+    line logs lines instead (progress_bar=False), and quiet shows nothing."""
+    train(make_config(data, tiny_weights, small_labelset, iters=2, quiet=False))
+    err = capfd.readouterr().err
+    assert "distill" in err and "2/2" in err, err
+    train(make_config(data, tiny_weights, small_labelset, iters=2, quiet=True, out=str(data / "quiet")))
+    assert "2/2" not in capfd.readouterr().err
+
+
+def test_how_the_student_labels_may_change_on_a_resumed_run(data, tiny_weights, small_labelset):
+    """--upsample only changes labelling (the losses read bilinear logits): a rerun with another one
+    continues from last.pt, and student.pt records the new one."""
+    train(make_config(data, tiny_weights, small_labelset, iters=2, upsample="guided"))
+    assert torch.load(data / "run" / "student.pt", weights_only=True)["arch"]["upsample"] == "guided"
+    train(make_config(data, tiny_weights, small_labelset, iters=3, upsample="bilinear"))
+    assert [r["iter"] for r in read_log(data / "run") if "loss" in r] == [1, 2, 3]
+    assert torch.load(data / "run" / "student.pt", weights_only=True)["arch"]["upsample"] == "bilinear"
+
+
+def test_the_package_names_its_parts_without_shadowing_them():
+    """``seglabel.distill.train`` is the function whatever was imported before (issue 25 item 3: a
+    name that means a module or a function depending on import order); the loop is ``training``."""
+    import importlib
+
+    import seglabel.distill as distill
+
+    importlib.import_module("seglabel.distill.training")
+    assert callable(distill.train) and distill.train is importlib.import_module("seglabel.distill.training").train
+    for name in distill.__all__:
+        assert not isinstance(getattr(distill, name), type(distill)), name

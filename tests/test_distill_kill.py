@@ -51,7 +51,7 @@ def kill_after_first_checkpoint(cmd: list[str], out: Path, delay: float) -> None
     # the last iteration waits at a gate that never opens: the run cannot finish before the kill
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SEGLABEL_TEST_GATE": str(out.parent / "never"),
            "SEGLABEL_TEST_GATE_AFTER": str(ITERS - 1)}
-    proc = subprocess.Popen([*gated_seglabel("seglabel.distill:segmentation_loss"), *cmd], env=env,
+    proc = subprocess.Popen([*gated_seglabel("seglabel.distill.training:segmentation_loss"), *cmd], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 240

@@ -20,7 +20,7 @@ ITERS = 20
 def test_sigterm_saves_last_pt_and_the_rerun_resumes(tmp_path, distill_args):  # noqa: F811
     out = tmp_path / "run"
     # the third iteration waits at a gate until the signal has been sent (see gated_seglabel)
-    cmd = [*gated_seglabel("seglabel.distill:segmentation_loss"), *distill_args(out, iters=ITERS),
+    cmd = [*gated_seglabel("seglabel.distill.training:segmentation_loss"), *distill_args(out, iters=ITERS),
            "--save-every", "1000", "--workers", "1"]  # no periodic checkpoint: last.pt can only come from the SIGTERM
     gate = tmp_path / "gate"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SEGLABEL_TEST_GATE": str(gate), "SEGLABEL_TEST_GATE_AFTER": "2"}

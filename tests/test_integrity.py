@@ -187,10 +187,10 @@ def test_outputs_follow_the_umask(tmp_path, small_labelset, tiny_weights, umask,
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
 def test_checkpoints_written_like_distill_follow_the_umask(tmp_path, umask, mode):
-    """distill saves last.pt and student.pt through the same atomic write (distill._save)."""
+    """distill saves last.pt and student.pt through the same atomic write (distill.state.save)."""
     import torch
 
-    from seglabel.distill import _save
+    from seglabel.distill.state import save as _save
 
     previous = os.umask(umask)
     try:
@@ -386,7 +386,7 @@ def test_dry_run_says_what_a_run_would_refuse(tmp_path, tiny_weights, small_labe
 def test_library_errors_share_one_hierarchy():
     from seglabel import errors, exitcodes
     from seglabel.checkpoints import CheckpointError
-    from seglabel.distill_data import DataError
+    from seglabel.distill.data import DataError
     from seglabel.evaluate import EvalError
     from seglabel.exports.run_output import OutputFolderError
     from seglabel.images import ImageError

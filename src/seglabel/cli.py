@@ -172,29 +172,27 @@ def merge(out: str = typer.Argument(..., help="Output folder (or bucket prefix) 
 @guarded
 def evaluate(
     pred_text: str = typer.Option(..., "--pred", help="annotate's output folder, or a folder of mask PNGs."),
-    gt_text: str = typer.Option(..., "--gt", help="Folder of ground-truth mask PNGs (same relative paths)."),
+    gt_text: str = typer.Option(..., "--gt", help="Folder of ground-truth mask PNGs (same relative paths), or a run "
+                                "whose corrections came back (seglabel import)."),
     labels: Optional[Path] = typer.Option(None, "--labels", "-l", help="Label set YAML the masks use (default: "
-                                          "the one in --pred's run.json; needed for a folder of mask PNGs)."),
+                                          "the one in --pred's run.json, else --gt's; needed for folders of mask PNGs)."),
     id_map: Optional[Path] = typer.Option(None, "--id-map", help="YAML/JSON map: ground-truth id -> class index or name."),
     map_by_name: bool = flag("--map-by-name", help="With --pred a run and -l another label set: score each of the "
                              "run's classes as the -l class of the same name (others: ignored)."),
+    gt_all: bool = flag("--gt-all", help="With --gt a run: also score against its images no person corrected."),
     as_json: bool = flag("--json", help="Print the scores as JSON on stdout."),
 ) -> int:
     """Score predicted masks against ground truth: per-class IoU, mIoU, pixel accuracy."""
     from . import storage
-    from .evaluate import EvalError, evaluate_folders, load_id_map, render_table, run_labelset
+    from .evaluate import EvalError, evaluate_folders, render_table
 
     for flag_name, text in (("--pred", pred_text), ("--gt", gt_text)):
         if storage.is_url(text) and storage.local_path(text) is None:
             raise EvalError(f"{flag_name} {storage.redact(text)}: eval reads local folders only; copy it down first "
                             "(e.g. aws s3 sync URL DIR)")
     pred, gt = (Path(storage.local_path(t) or t) for t in (pred_text, gt_text))
-    labelset = load_labelset(labels) if labels else run_labelset(pred)
-    if labelset is None:
-        raise EvalError(f"--pred {pred}: not a seglabel run (no run.json with its label set); give --labels, the "
-                        "label set the masks use")
-    mapping = load_id_map(id_map, labelset) if id_map else None
-    result = evaluate_folders(pred, gt, labelset, mapping, map_by_name=map_by_name)
+    labelset = load_labelset(labels) if labels else None
+    result = evaluate_folders(pred, gt, labelset, id_map, map_by_name=map_by_name, gt_all=gt_all)
     if as_json:
         typer.echo(_json(result.to_dict()))
     else:
@@ -433,6 +431,10 @@ app.command("distill")(distill)
 from .cli_serve import serve_command  # noqa: E402  (annotate's model flags, the same objects)
 
 app.command("serve")(serve_command(annotate))
+
+from .cli_import import import_command  # noqa: E402  (`import` is a keyword: the function has another name)
+
+app.command("import")(import_command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -142,6 +142,7 @@ class EvalResult:
     missing_gt: list[str] = field(default_factory=list)     # predictions with no GT
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (path, reason), not scored
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (path, note), still scored
+    gt_uncorrected: int = 0        # --gt a run: its images no person corrected, not ground truth
 
     @classmethod
     def from_counts(cls, names: list[str], confusion: np.ndarray, ignored: np.ndarray,
@@ -184,6 +185,7 @@ class EvalResult:
             "missing_gt": list(self.missing_gt),
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
             "warnings": [{"path": p, "note": r} for p, r in self.warnings],
+            "gt_uncorrected": self.gt_uncorrected,
         }
         if confusion:
             out["confusion"] = self.confusion.tolist()
@@ -202,7 +204,7 @@ def _num(x: float) -> float | None:
 # -- evaluation -------------------------------------------------------------------------------
 def evaluate_folders(pred: str | Path, gt: str | Path, labelset: LabelSet | str | Path | None = None,
                      id_map: Mapping[int, int] | str | Path | None = None, *, map_by_name: bool = False,
-                     progress: Callable[[int, int], None] | None = None) -> EvalResult:
+                     gt_all: bool = False, progress: Callable[[int, int], None] | None = None) -> EvalResult:
     """Score the masks under ``pred`` against those under ``gt``.
 
     ``pred`` is an annotate output folder (its masks, under the label set of its run.json) or a
@@ -210,14 +212,16 @@ def evaluate_folders(pred: str | Path, gt: str | Path, labelset: LabelSet | str 
     refused unless ``map_by_name``: then each of the run's classes is scored as the class of
     ``labelset`` of the same name (``labelset.name_key``), and classes it lacks count as ignored.
     ``id_map`` translates GT ids (a mapping as ``load_id_map`` returns, or its file).
-    ``progress(done, total)`` is called after each matched pair.
+    ``gt`` may be a seglabel run whose corrections came back (``seglabel import``): its masks as
+    they are, under its label set (mapped by name with ``map_by_name``), and only the images a
+    person corrected unless ``gt_all``. ``progress(done, total)`` is called after each matched pair.
     """
-    made_with = run_labelset(pred)
+    made_with, gt_run = run_labelset(pred), _gt_run(gt, id_map)
     if labelset is None:
-        if made_with is None:
-            raise EvalError(f"{pred}: not a seglabel run (no {RUN_FILE} with its label set); give --labels, the "
-                            "label set the masks use")
-        labelset = made_with
+        if made_with is None and gt_run is None:
+            raise EvalError(f"--pred {pred}: not a seglabel run (no {RUN_FILE} with its label set); give --labels, "
+                            "the label set the masks use")
+        labelset = made_with or gt_run
     elif not isinstance(labelset, LabelSet):
         labelset = load_labelset(labelset)
     pred_lut = None
@@ -234,6 +238,12 @@ def evaluate_folders(pred: str | Path, gt: str | Path, labelset: LabelSet | str 
         id_map = load_id_map(id_map, labelset)
     elif id_map is not None:
         id_map = parse_id_map(dict(id_map), labelset)
+    if gt_run is not None and [name_key(c) for c in gt_run.names] != [name_key(c) for c in labelset.names]:
+        if not map_by_name:
+            raise EvalError(f"--gt {gt}: labelled with other classes ({_names(gt_run)}, its {RUN_FILE}) than those "
+                            f"scored ({_names(labelset)}); give --map-by-name to score each by its name")
+        index = {name_key(c): i for i, c in enumerate(labelset.names)}
+        id_map = {i: index[name_key(c)] for i, c in enumerate(gt_run.names) if name_key(c) in index}
     lut8, lut16 = _gt_luts(labelset, id_map)
 
     pred_dir, gt_dir = Path(pred), Path(gt)
@@ -244,8 +254,16 @@ def evaluate_folders(pred: str | Path, gt: str | Path, labelset: LabelSet | str 
     else:
         pred_dir = pred_dir / MASKS if (pred_dir / MASKS).is_dir() else pred_dir
         pred_files = _masks(pred_dir, "predictions")
-    gt_files = _masks(gt_dir, "ground truth")
-    matched = [k for k in gt_files if k in pred_files]
+    uncorrected: list[str] = []
+    if gt_run is not None:
+        gt_files = _run_masks(gt_dir, gt_run, skipped, None if gt_all else uncorrected, what="ground truth")
+        if not gt_files and uncorrected:
+            raise EvalError(f"--gt {gt}: none of its {len(uncorrected)} images was corrected by a person (seglabel "
+                            "import, or a mask edited by hand); give --gt-all to score against its model labels too")
+        gt_dir = gt_dir / MASKS
+    else:
+        gt_files = _masks(gt_dir, "ground truth")
+    matched, not_truth = [k for k in gt_files if k in pred_files], set(uncorrected)
     if not matched:
         raise EvalError(f"no predicted mask matches a ground-truth mask: {pred_dir} has "
                         f"{len(pred_files)} PNGs{_example(pred_files)}, {gt_dir} has "
@@ -278,8 +296,8 @@ def evaluate_folders(pred: str | Path, gt: str | Path, labelset: LabelSet | str 
     return EvalResult.from_counts(
         labelset.names, np.ascontiguousarray(counts[:, :n]), counts[:, n].copy(), images,
         missing_pred=[k for k in gt_files if k not in pred_files],
-        missing_gt=[k for k in pred_files if k not in gt_files],
-        skipped=skipped, warnings=warnings)
+        missing_gt=[k for k in pred_files if k not in gt_files and k not in not_truth],
+        skipped=skipped, warnings=warnings, gt_uncorrected=len(uncorrected))
 
 
 def run_labelset(folder: str | Path) -> LabelSet | None:
@@ -300,6 +318,17 @@ def run_labelset(folder: str | Path) -> LabelSet | None:
         raise EvalError(f"{path}: bad label set ({e})") from None
 
 
+def _gt_run(gt: str | Path, id_map: Any) -> LabelSet | None:
+    """The label set of ``gt`` when it is a seglabel run (its masks then hold its classes)."""
+    gt_run = run_labelset(gt)
+    if gt_run is None or not (Path(gt) / MASKS).is_dir():
+        return None
+    if id_map is not None:
+        raise EvalError(f"--id-map translates a dataset's ids; --gt {gt} is a seglabel run, whose masks hold the "
+                        "classes of its label set: leave --id-map out")
+    return gt_run
+
+
 def _names(labelset: LabelSet, limit: int = 8) -> str:
     names = labelset.names
     return ", ".join(names[:limit]) + (f", ... ({len(names)} classes)" if len(names) > limit else "")
@@ -314,10 +343,13 @@ def _by_name(made_with: LabelSet, labelset: LabelSet) -> np.ndarray:
     return lut
 
 
-def _run_masks(run: Path, labelset: LabelSet, skipped: list[tuple[str, str]]) -> dict[str, Path]:
+def _run_masks(run: Path, labelset: LabelSet, skipped: list[tuple[str, str]], uncorrected: list[str] | None = None,
+               what: str = "") -> dict[str, Path]:
     """The masks of a run's labelled images (those with a record), keyed as ``_masks`` keys them;
     a mask that cannot stand for its image (records.current_record), or whose photo changed since
-    it was labelled, goes to ``skipped``."""
+    it was labelled, goes to ``skipped``; with ``uncorrected``, so do the masks no person corrected
+    (their keys)."""
+    said = f"{what}: " if what else ""
     try:
         record = json.loads((run / RUN_FILE).read_text(encoding="utf-8"))
         roots = [Path(r) for r in record.get("input_roots") or [] if isinstance(r, str)]
@@ -328,12 +360,15 @@ def _run_masks(run: Path, labelset: LabelSet, skipped: list[tuple[str, str]]) ->
         now = current_record(run, key, labelset)
         name = f"{key}.png"
         if now.problem:
-            skipped.append((name, f"{printable(now.problem[0])}: {now.problem[1]}"))
+            skipped.append((name, f"{said}{printable(now.problem[0])}: {now.problem[1]}"))
+            continue
+        if uncorrected is not None and not now.record.get("corrected"):
+            uncorrected.append(name)
             continue
         photo = next((r / now.record["file_name"] for r in roots if (r / now.record["file_name"]).is_file()), None)
         change = photo_change(now.record, photo)[0] if photo is not None else ""
         if change:
-            skipped.append((name, f"its photo {printable(photo)} {change}: the mask is stale"))
+            skipped.append((name, f"{said}its photo {printable(photo)} {change}: the mask is stale"))
             continue
         out[name] = run / MASKS / name
     return out
@@ -445,6 +480,8 @@ def _summary(result: EvalResult) -> str:
                          ("without ground truth", result.missing_gt), ("skipped", result.skipped)):
         if items:
             parts.append(f"{len(items)} {label}")
+    if result.gt_uncorrected:
+        parts.append(f"{result.gt_uncorrected} ground-truth images not corrected by a person (not scored; --gt-all)")
     return " · ".join(parts)
 
 

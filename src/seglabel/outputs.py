@@ -421,10 +421,10 @@ def open_out(out: str | Path | Out) -> Out:
 
 
 def read_json(out: Out, rel: str) -> dict[str, Any]:
-    """A JSON object from ``rel``; ``OSError`` or ``ValueError`` otherwise."""
+    """A JSON object from ``rel``; ``OSError``, ``ValueError`` (not JSON) or ``OutputError`` (not an object) otherwise."""
     data = json.loads(out.read_bytes(rel).decode("utf-8"))
     if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
+        raise OutputError(f"{out.shown(rel)}: not a JSON object")
     return data
 
 

@@ -86,6 +86,9 @@ def resolve_protocol(segmenter: Segmenter | None, options: ProtocolOptions = Pro
 class Prediction:
     labels: np.ndarray  # (H, W) class index (uint8 up to 256 classes, else int32), original image size
     confidence: np.ndarray  # (H, W) float32 probability of that class
+    # (H, W) float32 logit of that class minus the second best's, with Predictor(margins=True): a
+    # ranking of sureness that does not saturate where probabilities round to 1 (distill's teacher)
+    margin: np.ndarray | None = None
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -191,11 +194,13 @@ class Predictor:
     """Runs a segmenter on RGB images under a protocol, used as given, and returns full-size
     labels. The protocol a run of this model would use: ``resolve_protocol(segmenter)``."""
 
-    def __init__(self, segmenter: Segmenter, protocol: Protocol = Protocol(), batch_size: int = 1) -> None:
+    def __init__(self, segmenter: Segmenter, protocol: Protocol = Protocol(), batch_size: int = 1,
+                 margins: bool = False) -> None:
         check_protocol(protocol, segmenter)
         self.model = segmenter.eval()
         self.protocol = protocol
         self.batch_size = max(1, batch_size)
+        self.margins = margins
         self.device = segmenter.device
         self.mean = torch.tensor(segmenter.mean, device=self.device).view(3, 1, 1)
         self.std = torch.tensor(segmenter.std, device=self.device).view(3, 1, 1)
@@ -307,32 +312,38 @@ class Predictor:
         return _to_host([self._label_maps(logits, cell, resized, original, align_corners)])[0]
 
     def _label_maps(self, logits: torch.Tensor, cell: int, resized: Sequence[int],
-                    original: Sequence[int], align_corners: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """``_finish`` up to the copy to the host: (labels, confidence) on the model's device.
+                    original: Sequence[int], align_corners: bool = False) -> tuple[torch.Tensor, ...]:
+        """``_finish`` up to the copy to the host: (labels, confidence[, margin]) on the model's device.
         Labels are uint8 up to 256 classes: all that crosses to the host is 5 bytes a pixel."""
         (h, w), (rh, rw), (oh, ow) = logits.shape[1:], resized, original
         dev = logits.device
-        my = bilinear_matrix(rh, oh, dev, align_corners) @ bilinear_matrix(h, h * cell, dev)[:rh]
-        mx = bilinear_matrix(rw, ow, dev, align_corners) @ bilinear_matrix(w, w * cell, dev)[:rw]
         k = logits.shape[0]
-        cols = torch.einsum("khw,xw->khx", logits.float(), mx)  # (K, h, W0)
+        same = cell == 1 and (h, w) == (rh, rw) == (oh, ow)  # logits of every pixel at the photo's size
+        if not same:
+            my = bilinear_matrix(rh, oh, dev, align_corners) @ bilinear_matrix(h, h * cell, dev)[:rh]
+            mx = bilinear_matrix(rw, ow, dev, align_corners) @ bilinear_matrix(w, w * cell, dev)[:rw]
+            cols = torch.einsum("khw,xw->khx", logits.float(), mx)  # (K, h, W0)
         band = max(1, (1 << 24) // max(1, k * ow))
         labels = torch.empty(oh, ow, dtype=torch.uint8 if k <= 256 else torch.int32, device=dev)
         conf = torch.empty(oh, ow, dtype=torch.float32, device=dev)
+        margin = torch.full((oh, ow), float("inf"), dtype=torch.float32, device=dev) if self.margins else None
         for y in range(0, oh, band):
-            probs = torch.einsum("yh,khx->kyx", my[y:y + band], cols).softmax(dim=0)
-            conf[y:y + band], labels[y:y + band] = probs.max(dim=0)
-        return labels, conf
+            scores = logits[:, y:y + band].float() if same else torch.einsum("yh,khx->kyx", my[y:y + band], cols)
+            conf[y:y + band], labels[y:y + band] = scores.softmax(dim=0).max(dim=0)
+            if margin is not None and k > 1:
+                top2 = scores.topk(2, dim=0).values
+                margin[y:y + band] = top2[0] - top2[1]
+        return (labels, conf) if margin is None else (labels, conf, margin)
 
 
-def _to_host(maps: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[Prediction]:
-    """(labels, confidence) tensors -> Predictions of NumPy arrays. From a GPU the copies of a whole
-    batch are queued (into pinned memory) and waited for once, not image by image."""
+def _to_host(maps: Sequence[tuple[torch.Tensor, ...]]) -> list[Prediction]:
+    """(labels, confidence[, margin]) tensors -> Predictions of NumPy arrays. From a GPU the copies of
+    a whole batch are queued (into pinned memory) and waited for once, not image by image."""
     if not maps or maps[0][0].device.type != "cuda":
-        return [Prediction(labels.cpu().numpy(), conf.cpu().numpy()) for labels, conf in maps]
-    copies = [(labels.to("cpu", non_blocking=True), conf.to("cpu", non_blocking=True)) for labels, conf in maps]
+        return [Prediction(*(t.cpu().numpy() for t in m)) for m in maps]
+    copies = [tuple(t.to("cpu", non_blocking=True) for t in m) for m in maps]
     torch.cuda.current_stream(maps[0][0].device).synchronize()
-    return [Prediction(labels.numpy(), conf.numpy()) for labels, conf in copies]
+    return [Prediction(*(t.numpy() for t in m)) for m in copies]
 
 
 def _starts(length: int, win: int, step: int) -> list[int]:

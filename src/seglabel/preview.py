@@ -190,7 +190,9 @@ def render_page(run: RunOutput, cards: list[ImageEntry], photos: dict[str, str |
     ls = run.labelset
     title = f"seglabel preview: {ls.name}"
     nav = _nav(number, pages)
-    summary = (f"{total} images, least confident first. Page {number} of {pages}: images "
+    corrected = sum(1 for e in run.entries if e.corrected)
+    order = "least confident first" + (f", then the {corrected} corrected by a person" if corrected else "")
+    summary = (f"{total} images, {order}. Page {number} of {pages}: images "
                f"{first}&ndash;{first + len(cards) - 1}.")
     if missing:
         summary += (f" {missing} photos were not found and are drawn on grey"
@@ -250,13 +252,23 @@ def _card(run: RunOutput, e: ImageEntry, photo: str | None, thumb_size: int) -> 
         links.append(f'<a href="{_url(photo)}">photo</a>')
     else:
         links.append('<span class="off">photo not found</span>')
-    return (f'<article class="card" data-key="{html.escape(e.key)}"{data_conf}>'
+    badge, kind = _badge(e.corrected), ' corrected' if e.corrected else ''
+    return (f'<article class="card{kind}" data-key="{html.escape(e.key)}"{data_conf}>'
             f'<a href="{full}"><img src="{thumb}" loading="lazy" width="{tw}" height="{th}" '
             f'alt="{html.escape(e.file_name)}"></a>'
             f'<div class="bar">{bar}</div>'
-            f'<p class="meta"><span class="conf" title="mean top-class probability">{conf}</span> '
+            f'<p class="meta">{badge}<span class="conf" title="mean top-class probability">{conf}</span> '
             f'<span class="name">{html.escape(e.file_name)}</span></p>'
             f'<p class="classes">{top}</p><p class="links">{" &middot; ".join(links)}</p></article>')
+
+
+def _badge(corrected: dict | None) -> str:
+    """A mark on the card of a mask a person made: who, with what, when (records.py)."""
+    if not corrected:
+        return ""
+    tool, when = corrected.get("tool") or "", corrected.get("when") or ""
+    title = "corrected by a person" + (f" in {tool}" if tool else "") + (f", {when}" if when else "")
+    return f'<span class="badge" title="{html.escape(title)}">corrected</span> '
 
 
 STYLE = """\
@@ -277,4 +289,6 @@ h1 { font-size: 1.3rem; margin: 1rem 0 .3rem; }
 .meta, .classes, .links { margin: .1rem 0; overflow-wrap: anywhere; }
 .conf { font-weight: 600; font-variant-numeric: tabular-nums; }
 .classes { color: #555; font-size: 12px; }
+.badge { background: #1b7f3b; color: #fff; border-radius: 3px; padding: 0 .3rem; font-size: 12px; }
+.card.corrected { border-color: #1b7f3b; }
 """

@@ -8,13 +8,15 @@ spec and its options, and the settings already in ``out``. ``prepare`` then buil
 decides the protocol once (``predict.resolve_protocol``: given > ``--protocol paper`` or the
 model's own > defaults), checked against the model; the ``AnnotateConfig`` it returns holds that
 concrete protocol. Both come before anything is written, so a refused run leaves the disk as it
-was. ``dry_run`` is ``check`` plus the header of every image still to label.
+was. ``dry_run`` is ``check`` plus the header of every image still to label. ``from_record`` is the
+recipe of a finished run, read back from its run.json (distill rebuilds its teacher with it).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,7 +26,7 @@ import torch
 from .annotate import AnnotateConfig, plan
 from .errors import UsageError
 from .images import DEFAULT_MAX_PIXELS, ImageError, ImageItem, read_photo, read_size
-from .labelset import LabelSet, load_labelset
+from .labelset import LabelSet, load_labelset, parse_labelset
 from .loader import DECODE_CHOICES, decode_device
 from .models.base import Segmenter
 from .models.registry import DEFAULT_MODEL, OWN_PROTOCOL_KINDS, check_options, load_segmenter, parse_spec
@@ -212,3 +214,140 @@ def _check_options(recipe: Recipe) -> None:
 
 def _one_of(choices: Sequence[str]) -> str:
     return ", ".join(choices[:-1]) + " or " + choices[-1]
+
+
+# -- a recipe read back from a run record -----------------------------------------------------------
+# What ``describe()`` of each maskclip method records (settings.method), beyond "method" and "tower"
+_RECORDED_METHOD_OPTIONS = {"key_smoothing", "prompt_denoising", "logit_scale", "proxy", "proxy_weights",
+                            "regions", "regions_weights", "vote"}
+_FILE_KINDS = ("lseg", "student")  # kinds whose spec names the weights file
+
+
+def from_record(record: dict[str, Any], source: str, device: str = "auto", cache_dir: str | None = None,
+                overrides: dict[str, str | None] | None = None) -> Recipe:
+    """The recipe that made the run recorded in ``record`` (its run.json, read from ``source``):
+    the model, its weights and model config, every method option and the protocol, each as annotate
+    recorded it, so that ``prepare`` builds the same model (a caller compares ``settings_of`` of the
+    result with the record's settings). What cannot be rebuilt is refused in one line, before any
+    model is loaded. Files are found where the run read them (relative paths from its ``cwd``), or
+    where ``overrides`` (pretrained, model_config, proxy_weights, regions) say they are now."""
+    given = {k: v for k, v in (overrides or {}).items() if v}
+    settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
+    spec = record.get("model")
+    if not isinstance(spec, str) or ":" not in spec:
+        raise UsageError(f"{source}: records no model spec (KIND:NAME) to rebuild")
+    kind, what = parse_spec(spec)
+    argv = [a for a in record.get("argv") or [] if isinstance(a, str)]
+    cwd = record.get("cwd") if isinstance(record.get("cwd"), str) else None
+    weights = record.get("weights") if isinstance(record.get("weights"), dict) else {}
+    if kind in _FILE_KINDS:
+        path = _recorded_file(what, cwd)
+        if not os.path.isfile(path):
+            raise UsageError(f"{source}: its model {spec} is not at {path} any more; pass --teacher {kind}:FILE")
+        spec, pretrained = f"{kind}:{path}", None
+    else:
+        pretrained = given.get("pretrained") or weights.get("pretrained") or "openai"
+        if not given.get("pretrained") and (os.path.isfile(_recorded_file(pretrained, cwd)) or _looks_like_file(pretrained)):
+            pretrained = _recorded_file(pretrained, cwd)  # a file, not an open_clip tag
+            if not os.path.isfile(pretrained):
+                raise UsageError(f"{source}: its weights file {pretrained} is not there any more; pass --pretrained FILE")
+    model_config = given.get("model_config") or weights.get("model_config") or argv_value(argv, "--model-config")
+    if model_config and not given.get("model_config"):
+        model_config = _recorded_file(model_config, cwd)
+        if not os.path.isfile(model_config):
+            raise UsageError(f"{source}: its model config {model_config} is not there any more; pass --model-config FILE")
+    method = settings.get("method") if isinstance(settings.get("method"), dict) else {}
+    options: dict[str, Any] = {}
+    # every field of the recorded protocol is given, so it is used exactly, whatever the model's own
+    recipe = Recipe(labels=_recorded_labelset(record, source), out=Path(source).parent, model=spec,
+                    pretrained=pretrained, model_config=model_config, cache_dir=cache_dir, device=device,
+                    protocol=_recorded_protocol(settings, source), min_confidence=settings.get("min_confidence"),
+                    model_options=options)
+    if kind != "maskclip":
+        return recipe  # everything else of LSeg and students comes from their file
+    unknown = sorted(set(method) - _RECORDED_METHOD_OPTIONS - {"method", "tower"})
+    if unknown:
+        raise UsageError(f"{source}: records method options this seglabel cannot rebuild ({', '.join(unknown)})")
+    if method.get("vote", True) is not True:
+        raise UsageError(f"{source}: its corrclip teacher ran without the region vote, which annotate has no flag "
+                         f"for; label with annotate --method corrclip, or pass --teacher none")
+    recipe.method = method.get("method")
+    recipe.logit_scale = method.get("logit_scale")
+    recipe.key_smoothing, recipe.prompt_denoising = method.get("key_smoothing"), method.get("prompt_denoising")
+    if method.get("proxy"):
+        options["proxy"] = method["proxy"]
+    if method.get("proxy_weights"):
+        options["proxy_weights"] = _recorded_weights(method["proxy_weights"], "--proxy-weights",
+                                                     given.get("proxy_weights") or argv_value(argv, "--proxy-weights"),
+                                                     cwd, source)
+    if method.get("regions"):
+        options["regions"] = method["regions"]
+        if method.get("regions_weights"):  # sam:FILE, sam2:FILE: the kind is recorded, the file by identity
+            flag = given.get("regions") or argv_value(argv, "--regions") or ""
+            region_kind, _, file = flag.partition(":")
+            if region_kind != method["regions"]:
+                file = ""
+            found = _recorded_weights(method["regions_weights"], "--regions", file, cwd, source,
+                                      given.get("regions") is not None)
+            options["regions"] = f"{method['regions']}:{found}"
+    return recipe
+
+
+def _recorded_labelset(record: dict[str, Any], source: str) -> LabelSet:
+    if not isinstance(record.get("labelset"), dict):
+        raise UsageError(f"{source}: records no label set")
+    return parse_labelset(record["labelset"], source=f"{source}:labelset")
+
+
+def _recorded_protocol(settings: dict[str, Any], source: str) -> ProtocolOptions:
+    protocol = settings.get("protocol") if isinstance(settings.get("protocol"), dict) else {}
+    known = {f.name for f in dataclasses.fields(Protocol)}
+    unknown = sorted(set(protocol) - known)
+    if unknown:
+        raise UsageError(f"{source}: records protocol fields this seglabel cannot rebuild ({', '.join(unknown)})")
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in protocol.items()}
+    try:
+        protocol = Protocol(**fields)
+        check_protocol_options(protocol)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{source}: its protocol cannot be rebuilt ({e})") from None
+    return ProtocolOptions(**dataclasses.asdict(protocol))
+
+
+def _recorded_weights(identity: Any, flag: str, path: str | None, cwd: str | None, source: str,
+                      given: bool = False) -> str:
+    """The file a run read for ``flag``, checked against the identity it recorded ([name, size])."""
+    from .models.weights import file_identity
+
+    if not path:
+        raise UsageError(f"{source}: records the file of {flag} only as {identity}; pass {flag} FILE")
+    found = path if given else _recorded_file(path, cwd)
+    if not os.path.isfile(found):
+        raise UsageError(f"{source}: its {flag} file {found} is not there any more; pass {flag} with the file")
+    if json_plain(file_identity(found)) != json_plain(identity):
+        raise UsageError(f"{source}: {found} is not the {flag} file the run read (it recorded {identity}); "
+                         f"pass {flag} with that file")
+    return found
+
+
+def json_plain(value: Any) -> Any:
+    return [json_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _looks_like_file(value: str) -> bool:
+    return os.sep in value or value.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt"))
+
+
+def _recorded_file(path: str, cwd: str | None) -> str:
+    """A path as the run gave it, from the folder it ran in."""
+    return path if os.path.isabs(path) or not cwd else os.path.join(cwd, path)
+
+
+def argv_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value a recorded command line gave ``flag`` (``--flag VALUE`` or ``--flag=VALUE``)."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None

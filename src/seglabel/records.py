@@ -33,7 +33,7 @@ from . import storage
 from .images import ImageError, ImageItem, file_fingerprint, oriented_size, photo_fingerprint, read_photo
 from .labelset import LabelSet
 from .layout import COCO_FILE, MASKS, RECORDS
-from .outputs import Out, Stat, open_out
+from .outputs import FolderOut, Out, Stat, open_out
 from .writers import OutputError, OutputFolderError, coco_categories, encode_mask_png, image_record, read_mask, to_json
 
 HEAD_BYTES = 4096  # a record's fingerprints fit in its head (a rerun reads only that)
@@ -243,8 +243,9 @@ def _other_size(size: tuple[int, int], labelled: tuple) -> str:
 
 
 # -- reading records ---------------------------------------------------------------------------------
-def read_record(out: str | Path | Out, rel: str) -> dict[str, Any]:
-    out = open_out(out)
+def read_record(out: str | Path | Out, rel: str | None = None) -> dict[str, Any]:
+    """The record ``rel`` of the output ``out``; or, ``rel`` None, the record file ``out`` itself."""
+    out, rel = _split(out, rel)
     try:
         record = json.loads(out.read_bytes(rel).decode("utf-8"))
     except (OSError, ValueError) as e:
@@ -256,11 +257,19 @@ def read_record(out: str | Path | Out, rel: str) -> dict[str, Any]:
     return record
 
 
-def read_record_head(out: str | Path | Out, rel: str) -> dict[str, Any]:
+def _split(out: str | Path | Out, rel: str | None) -> tuple[Out, str]:
+    if rel is None:  # a record file's path
+        path = Path(out)
+        return FolderOut(path.parent), path.name
+    return open_out(out), rel
+
+
+def read_record_head(out: str | Path | Out, rel: str | None = None) -> dict[str, Any]:
     """The fingerprints of a record (``mask``, ``photo``, ``corrected``) from its first
     ``HEAD_BYTES``, where ``write_labelled`` puts them; the whole record when they are not there
-    (records older than the fingerprints, or without a photo). ``OutputError`` if it cannot be read."""
-    out = open_out(out)
+    (records older than the fingerprints, or without a photo). ``OutputError`` if it cannot be read.
+    ``rel`` None: ``out`` is the record file."""
+    out, rel = _split(out, rel)
     try:
         head = out.read_bytes(rel, 0, HEAD_BYTES)
     except OSError as e:

@@ -11,7 +11,10 @@ W x H image, row by row, 0 or 255):
 - the last byte is padded with zero bits. ``rle`` in the JSON is the list of the stream's bytes.
 
 Every run of a brush buffer is at least 4 values long (each pixel is 4 equal bytes), so this
-encoder writes repeat chunks only, which the format allows for any run length.
+encoder writes repeat chunks only, which the format allows for any run length. ``decode`` reads
+both kinds of chunk (Label Studio's own encoder writes a literal chunk for every run of one), for
+``seglabel import``: a pixel is painted when its alpha byte is not 0, as Label Studio's editor
+takes it.
 """
 from __future__ import annotations
 
@@ -56,3 +59,68 @@ def encode(values: np.ndarray, word_size: int = WORD_SIZE, field_sizes: tuple[in
 def encode_mask(mask: np.ndarray) -> list[int]:
     """The ``rle`` of a BrushLabels result for a boolean (H, W) mask."""
     return encode(brush_buffer(mask))
+
+
+_DIGITS = bytes.maketrans(bytes([0, 1]), b"01")
+
+
+class BrushError(SeglabelError, ValueError):
+    """A brush RLE that does not decode (truncated, or another length than its image's)."""
+
+
+def decode(data: list[int] | bytes) -> np.ndarray:
+    """The flat array of values an rle-pack stream holds (uint8 for words of at most 8 bits)."""
+    try:
+        raw = bytes(data)
+    except (TypeError, ValueError):
+        raise BrushError("the rle is not a list of bytes (0 to 255)") from None
+    bits = np.unpackbits(np.frombuffer(raw, np.uint8))
+    text = bits.tobytes().translate(_DIGITS).decode("ascii")  # "0101...": int(text[a:b], 2) reads a field
+    pos = 0
+
+    def read(n: int) -> int:
+        nonlocal pos
+        if pos + n > len(text):
+            raise BrushError("the rle ends early")
+        value = int(text[pos:pos + n], 2) if n else 0
+        pos += n
+        return value
+
+    count, word = read(32), read(5) + 1
+    sizes = [read(4) + 1 for _ in range(4)]
+    dtype = np.uint8 if word <= 8 else np.uint32
+    values, lengths, literals = [], [], []  # repeat chunks; literal blocks kept apart, in order
+    done = 0
+    while done < count:
+        repeat = read(1)
+        n = read(sizes[read(2)]) + 1
+        n = min(n, count - done)
+        if repeat:
+            values.append(read(word))
+            lengths.append(n)
+        else:
+            if pos + n * word > len(text):
+                raise BrushError("the rle ends early")
+            block = bits[pos:pos + n * word].reshape(n, word).astype(np.uint32)
+            pos += n * word
+            literals.append((len(values), block @ (1 << np.arange(word - 1, -1, -1, dtype=np.uint32))))
+            values.append(0)
+            lengths.append(0)  # a placeholder where the literal block goes
+        done += n
+    if not literals:
+        return np.repeat(np.asarray(values, dtype=dtype), lengths)
+    parts, start = [], 0
+    for index, block in literals:
+        parts.append(np.repeat(np.asarray(values[start:index], dtype=dtype), lengths[start:index]))
+        parts.append(block.astype(dtype))
+        start = index + 1
+    parts.append(np.repeat(np.asarray(values[start:], dtype=dtype), lengths[start:]))
+    return np.concatenate(parts)
+
+
+def decode_mask(data: list[int] | bytes, width: int, height: int) -> np.ndarray:
+    """The boolean (H, W) mask of a BrushLabels result's ``rle``: the pixels whose alpha is not 0."""
+    values = decode(data)
+    if values.size != width * height * 4:
+        raise BrushError(f"the rle holds {values.size} values, not {width}x{height}x4 (its image's RGBA bytes)")
+    return values.reshape(height, width, 4)[..., 3] > 0

@@ -94,8 +94,9 @@ class RunOutput:
                            keys={e.key for e in self.entries})
 
     def sorted_worst_first(self) -> list[ImageEntry]:
-        """Least confident first; images without a confidence (older outputs) last."""
-        return sorted(self.entries, key=lambda e: (e.confidence is None, e.confidence or 0.0, e.key))
+        """The model's labels least confident first (without a confidence, older outputs, after
+        them), then the masks a person corrected, apart, by key."""
+        return sorted(self.entries, key=lambda e: (bool(e.corrected), e.confidence is None, e.confidence or 0.0, e.key))
 
 
 def read_output(out: str | Path | Out, image_roots: Sequence[str | Path] = (), stage: Path | None = None) -> RunOutput:

@@ -5,14 +5,14 @@ Because the classifier is text, a trained student stays open-vocabulary: ``set_l
 another label set encodes it with the CLIP text encoder recorded in ``student.pt``.
 
 Key layout follows mmsegmentation's ResNetV1c (``stem.0`` ... ``layer4.N.conv3``) so its
-checkpoints load as they are; torchvision and timm layouts are mapped (``map_backbone_state``).
+checkpoints load as they are; torchvision and timm layouts are mapped by ``distill/backbone.py``.
+``student.pt`` (written by distill, read by ``annotate --model student:FILE``) is defined here.
 """
 from __future__ import annotations
 
 import json
-import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints import CheckpointError, load_weights
+from ..errors import UsageError
 from ..labelset import LabelSet, parse_labelset
 from ..text import class_max, encode_prompts, labelset_templates
 from .base import Segmenter
@@ -52,11 +53,14 @@ class StudentArch:
     contract_dilation: bool = True
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    # How labelling upsamples the logits of 8x8 cells to pixels: "bilinear" (MaskCLIP+), or "guided"
+    # by the image's colours (models/guided.py). Training's losses always read bilinear logits.
+    upsample: str = "bilinear"
 
     @classmethod
     def resnet(cls, depth: int = 101, embed_dim: int = 512, **kw: Any) -> "StudentArch":
         if depth not in DEPTHS:
-            raise ValueError(f"--depth {depth}: choose one of {', '.join(map(str, DEPTHS))}")
+            raise UsageError(f"--depth {depth}: choose one of {', '.join(map(str, DEPTHS))}")
         block, layers = DEPTHS[depth]
         return cls(embed_dim=embed_dim, depth=depth, block=block, layers=layers, **kw)
 
@@ -151,12 +155,33 @@ class ASPPv2(nn.Module):
             for d in dilations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sum(branch(x) for branch in self.branches)
+        return sum(self._branch(branch, x) for branch in self.branches)
+
+    @staticmethod
+    def _branch(branch: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        conv = branch[0]
+        d = conv.dilation[0]
+        if d < x.shape[-2] or d < x.shape[-1]:
+            return branch(x)
+        # A map no larger than the dilation (small inputs: 64 px -> 8 x 8): the eight outer taps
+        # only ever read the zero padding, so the 3x3 conv is its centre tap, a 1x1 conv (exact,
+        # gradients included, at a ninth of the cost).
+        out = F.conv2d(x, conv.weight[:, :, 1:2, 1:2], conv.bias)
+        return branch[2](branch[1](out))
 
 
 # -- the student --------------------------------------------------------------------------------
 class DeepLabV2Student(Segmenter):
-    stride = 8
+    cell = 8  # output stride of the network
+
+    @property
+    def stride(self) -> int:
+        """8, or 1 when labelling with guided upsampling (the logits come at every pixel)."""
+        return 1 if self.arch.upsample == "guided" and not self.training else self.cell
+
+    @property
+    def pad_to(self) -> int:
+        return self.cell
 
     def __init__(self, arch: StudentArch, clip_spec: dict[str, Any] | None = None):
         super().__init__()
@@ -174,11 +199,12 @@ class DeepLabV2Student(Segmenter):
         self.logit_scale = STUDENT_LOGIT_SCALE
         self.cache_dir: str | None = None
         self.weights_info: dict[str, Any] = {}
+        self.fused = False  # fuse_for_inference
 
     # -- text side ------------------------------------------------------------------------------
     def set_text(self, embeddings: torch.Tensor, labelset: LabelSet) -> None:
         if embeddings.shape != (len(labelset.prompts), self.arch.embed_dim):
-            raise ValueError(f"text embeddings {tuple(embeddings.shape)} do not fit {len(labelset.prompts)} "
+            raise CheckpointError(f"text embeddings {tuple(embeddings.shape)} do not fit {len(labelset.prompts)} "
                              f"prompts of width {self.arch.embed_dim}")
         self.text_embeddings = F.normalize(embeddings.float(), dim=-1).to(self.text_embeddings.device)
         self.prompt_class = labelset.prompt_class
@@ -190,7 +216,7 @@ class DeepLabV2Student(Segmenter):
             self.prompt_class, self.num_classes = labelset.prompt_class, len(labelset)
             return  # same prompts and templates: the stored embeddings are the answer, no CLIP needed
         if not self.clip_spec:
-            raise ValueError("this student records no CLIP text encoder, so it can only label its own label set")
+            raise UsageError("this student records no CLIP text encoder, so it can only label its own label set")
         self.set_text(encode_labelset(self.clip_spec, labelset, cache_dir=self.cache_dir), labelset)
 
     # -- image side -----------------------------------------------------------------------------
@@ -207,12 +233,40 @@ class DeepLabV2Student(Segmenter):
         return class_max(F.conv2d(feats, weight), self.prompt_class, self.num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            images = images.contiguous(memory_format=torch.channels_last)
         logits = self.raw_logits(images)
-        return logits if self.training else self.logit_scale * logits.float()
+        if self.training:
+            return logits
+        if self.arch.upsample == "guided":
+            from .guided import guided_upsample
+
+            mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in (self.mean, self.std))
+            logits = guided_upsample(logits, (images.float() * std + mean).clamp(0, 1), self.cell)
+        return self.logit_scale * logits.float()
 
     def describe(self) -> dict[str, Any]:
         return {"method": "maskclip+ student (deeplabv2)", "arch": self.arch.to_dict(),
                 "logit_scale": self.logit_scale, "text_encoder": self.clip_spec}
+
+    def fuse_for_inference(self) -> "DeepLabV2Student":
+        """Fold every batch norm into the convolution before it (the same function, fewer passes
+        over memory) and keep activations channels-last (faster convolutions on CPUs and tensor
+        cores). For labelling only: the folded model cannot train, and its state_dict has other keys."""
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        self.eval()
+        for module in list(self.modules()):
+            if isinstance(module, nn.Sequential):  # the stem, ASPP branches, downsample shortcuts
+                for i in range(len(module) - 1):
+                    if isinstance(module[i], nn.Conv2d) and isinstance(module[i + 1], nn.BatchNorm2d):
+                        module[i], module[i + 1] = fuse_conv_bn_eval(module[i], module[i + 1]), nn.Identity()
+            for conv, bn in (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")):  # residual blocks
+                if isinstance(getattr(module, bn, None), nn.BatchNorm2d):
+                    setattr(module, conv, fuse_conv_bn_eval(getattr(module, conv), getattr(module, bn)))
+                    setattr(module, bn, nn.Identity())
+        self.fused = True
+        return self.to(memory_format=torch.channels_last)
 
 
 def text_key(labelset: LabelSet) -> dict[str, Any]:
@@ -295,124 +349,4 @@ def build_student(path: str, device: str | torch.device = "cpu", cache_dir: str 
         model.default_protocol = {"short_side": base}  # the scale it learnt at, unless --short-side says otherwise
     model.weights_info = {"pretrained": str(path), "weights_file": str(path),
                           "text_encoder": {k: v for k, v in (model.clip_spec or {}).items() if k != "config"}}
-    return model.to(device).eval()
-
-
-# -- backbone initialisation ------------------------------------------------------------------------
-@dataclass
-class BackboneReport:
-    layout: str
-    loaded: int = 0
-    not_loaded: list[str] = field(default_factory=list)  # ours, left at random init
-    unused: list[str] = field(default_factory=list)  # theirs, not needed (classifier head)
-    note: str = ""
-
-    def summary(self) -> str:
-        text = f"backbone weights ({self.layout} layout): {self.loaded} tensors loaded"
-        if self.not_loaded:
-            text += f"; {len(self.not_loaded)} left at random init"
-        if self.unused:
-            text += f"; {len(self.unused)} unused ({', '.join(sorted({k.split('.')[0] for k in self.unused}))})"
-        return text + (f". {self.note}" if self.note else "")
-
-
-_TIMM_STEM = {"conv1.0": "stem.0", "conv1.1": "stem.1", "conv1.3": "stem.3", "conv1.4": "stem.4",
-              "conv1.6": "stem.6", "bn1": "stem.7"}
-
-
-def detect_layout(sd: dict[str, torch.Tensor]) -> str:
-    keys = set(sd)
-    if any(k.startswith("backbone.") for k in keys) or any(k.startswith("stem.") for k in keys):
-        return "mmseg"
-    if "conv1.0.weight" in keys:
-        return "timm"  # timm's deep-stem variants (resnet50c/d, resnet101c/d)
-    if "conv1.weight" in keys and sd["conv1.weight"].shape[-1] == 7:
-        return "torchvision"  # also timm's plain resnet50/101: the same keys
-    raise CheckpointError("not a ResNet state_dict seglabel knows (torchvision, timm or mmseg keys)")
-
-
-def map_backbone_state(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], BackboneReport]:
-    """Their keys -> ours, for ``ResNetV1c``. Keys of a 7x7 stem and a classifier are reported."""
-    layout = detect_layout(sd)
-    report = BackboneReport(layout)
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        k = key
-        if layout == "mmseg":
-            if not k.startswith(("backbone.", "stem.", "layer")):
-                report.unused.append(key)  # decode_head, auxiliary_head
-                continue
-            k = k.removeprefix("backbone.")
-        elif layout == "timm":
-            prefix = next((p for p in _TIMM_STEM if k.startswith(p + ".")), None)
-            if prefix:
-                k = _TIMM_STEM[prefix] + k[len(prefix):]
-        if k.startswith(("stem.", "layer")):
-            out[k] = value
-        else:
-            report.unused.append(key)  # fc, and torchvision's 7x7 conv1/bn1
-    if layout == "torchvision":
-        report.note = ("torchvision's ResNet has a single 7x7 stem conv; the v1c deep stem (three 3x3 "
-                       "convs) cannot take it, so the stem starts from random init and learns from the "
-                       "pseudo-labels (mmseg/timm 'c' or 'd' weights include a deep stem)")
-    return out, report
-
-
-def load_backbone(backbone: ResNetV1c, sd: dict[str, torch.Tensor], source: str = "<weights>") -> BackboneReport:
-    """Load mapped weights; every key of stages 1-4 must be there with the right shape (strict),
-    only the stem may be missing (torchvision)."""
-    mapped, report = map_backbone_state(sd)
-    ours = {k: v for k, v in backbone.state_dict().items() if not k.endswith("num_batches_tracked")}
-    wrong = [f"{k} {tuple(mapped[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
-             if k in mapped and mapped[k].shape != v.shape]
-    if wrong:
-        raise CheckpointError(f"{source}: {len(wrong)} tensors do not fit this ResNet (first: {wrong[0]}); "
-                              f"is --depth right?")
-    extra = sorted(set(mapped) - set(ours))
-    if extra:
-        raise CheckpointError(f"{source}: {len(extra)} backbone tensors have no place here (first: {extra[0]}); "
-                              f"is --depth right?")
-    missing = sorted(set(ours) - set(mapped))
-    bad = [k for k in missing if not k.startswith("stem.")]
-    if bad:
-        raise CheckpointError(f"{source}: {len(bad)} backbone tensors are missing (first: {bad[0]}); is --depth right?")
-    backbone.load_state_dict(mapped, strict=False)
-    report.loaded, report.not_loaded = len(mapped), missing
-    return report
-
-
-def imagenet_state_dict(depth: int) -> dict[str, torch.Tensor]:
-    """torchvision's ImageNet weights (cached, else downloaded); one-line error when offline."""
-    import socket
-
-    import torchvision
-
-    weights = {18: "ResNet18_Weights", 34: "ResNet34_Weights", 50: "ResNet50_Weights",
-               101: "ResNet101_Weights"}[depth]
-    url = getattr(torchvision.models, weights).IMAGENET1K_V1.url
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-    if not cached.is_file():
-        try:
-            socket.create_connection(("download.pytorch.org", 443), timeout=3).close()
-        except OSError:
-            raise CheckpointError(f"--backbone-weights imagenet: {url} is not cached and cannot be downloaded "
-                                  f"here; download it elsewhere and pass --backbone-weights FILE") from None
-    return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
-
-
-def init_backbone(model: DeepLabV2Student, spec: str | None) -> str:
-    """``spec``: a file, 'imagenet' or None/'none'. Returns the line to tell the user."""
-    from ..checkpoints import state_dict_of
-
-    if not spec or spec == "none":
-        return ("warning: no --backbone-weights: the backbone starts from random init; expect much worse "
-                "labels than from ImageNet weights (MaskCLIP+ starts from ImageNet)")
-    if spec == "imagenet":
-        if model.arch.width != 64 or model.arch.stem_width != 64 or model.arch.depth not in DEPTHS:
-            raise ValueError("--backbone-weights imagenet needs a standard ResNet (--width 64)")
-        sd, source = imagenet_state_dict(model.arch.depth), "torchvision ImageNet"
-    else:
-        sd, source = state_dict_of(load_weights(spec), spec), spec
-    return load_backbone(model.backbone, sd, source).summary()
+    return model.to(device).fuse_for_inference()
