@@ -264,7 +264,8 @@ def test_readers_take_a_run_in_a_bucket(s3, tmp_path, photos, small_labelset, ti
     assert (tmp_path / "pages" / "index.html").is_file() and f"{len(NAMES)} drawn" in r.stderr
     for argv in (("preview", "s3://labels/run"), ("export", "s3://labels/run", "--format", "cvat"),
                  ("export", "s3://labels/run", "--format", "cvat", "--dest", "s3://labels/exported"),
-                 ("eval", "--pred", "s3://labels/run", "--gt", str(local / "masks"))):
+                 ("eval", "--pred", "s3://labels/run", "--gt", str(local / "masks")),
+                 ("import", str(tmp_path / "tasks.json"), "--into", "s3://labels/run")):
         r = run(*argv, cwd=tmp_path)
         assert r.returncode == 2 and "s3://labels/" in one_line_error(r), argv
     assert not (tmp_path / "s3:").exists()  # a URL is never taken for a local path
