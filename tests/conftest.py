@@ -125,3 +125,36 @@ def label_studio(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One real S3 API (moto's server on 127.0.0.1, tests/s3server.py) for the session, stopped at
+    its end; skipped with the reason where moto or s3fs is not installed."""
+    from s3server import S3Server
+
+    server = S3Server()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, tmp_path_factory):
+    """The S3 server emptied for this test, and this process's environment (which processes it
+    starts inherit) pointed at it alone: AWS_ENDPOINT_URL, test credentials, no profile, no instance
+    metadata. fsspec's cached filesystems are dropped before and after, so none outlives its settings."""
+    import s3fs
+
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+                 "AWS_ENDPOINT_URL_S3", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.env(str(tmp_path_factory.mktemp("aws-home"))).items():
+        monkeypatch.setenv(name, value)
+    s3_server.reset()
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield s3_server
+    s3_server.auth(False)
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -8,11 +8,11 @@ from pathlib import Path
 PACKAGE = Path(__file__).parent.parent / "src" / "seglabel"
 
 # Floor of each module, from the ground (0) up; a module not named here fails the test, so a new
-# module must be placed deliberately. models/*, exports/*, serve/*, corrections/* and distill/* take their
-# package's floor.
+# module must be placed deliberately. models/*, exports/*, serve/*, storage/*, corrections/* and distill/* take
+# their package's floor.
 FLOORS = {
-    0: ["errors", "exitcodes", "atomic", "labelset", "images", "checkpoints", "layout", "interrupts"],
-    1: ["text", "refine", "writers", "records", "evaluate"],
+    0: ["errors", "exitcodes", "atomic", "labelset", "images", "checkpoints", "layout", "interrupts", "storage"],
+    1: ["text", "refine", "writers", "records", "evaluate", "outputs"],
     2: ["models"],
     3: ["predict", "tta", "loader", "runs", "memory", "decode"],
     4: ["annotate", "preview", "exports", "serve", "corrections"],

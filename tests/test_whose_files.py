@@ -141,14 +141,18 @@ def test_entries_and_root_spelled_through_symbolic_links(tmp_path):
     assert [i.rel for i in found.items] == ["x/a.jpg"]
 
 
-def test_urls_are_reported_as_written(tmp_path):
+def test_listed_urls_mirror_their_bucket_or_host_and_path(tmp_path):
+    """A URL in a list is read through the storage layer (tests/test_remote_inputs.py); its output
+    path mirrors it as a local path does, and a local --root cannot hold it."""
     write_images(tmp_path, ["a.jpg"])
     urls = ["https://example.org/photos/a.jpg", "s3://bucket/key/b.jpg"]
-    for root in (None, tmp_path):
-        found = find_images(listed=urls, root=root)
-        assert found.items == []
-        assert [(p.path, p.reason) for p in found.problems] == [
-            (u, "a URL: seglabel reads local files only (download it, then list the file)") for u in urls]
+    found = find_images(listed=urls)
+    assert [(i.path, i.rel) for i in found.items] == [("s3://bucket/key/b.jpg", "bucket/key/b.jpg"),
+                                                      ("https://example.org/photos/a.jpg", "example.org/photos/a.jpg")]
+    found = find_images(listed=urls, root=tmp_path)
+    assert found.items == []
+    assert [(p.path, p.reason) for p in found.problems] == [
+        (u, f"listed, but not inside --root {tmp_path} (a URL)") for u in urls]
 
 
 def test_list_problems_name_the_entry_as_written(tmp_path):

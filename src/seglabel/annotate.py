@@ -31,23 +31,25 @@ from .labelset import LabelSet, parse_labelset
 from .loader import Loaded, decode_device, default_workers, load_images
 from .memory import MemoryCheck
 from .models.base import Segmenter
-from .layout import is_run_folder
 from .predict import Prediction, Predictor, Protocol, check_protocol, to_mask
-from .records import current_record, photo_change, read_record, read_record_head, write_coco, write_labelled
+from .outputs import FolderOut, Out, open_out
+from .records import (HEAD_BYTES, current_record, mask_rel, parse_record_head, photo_change, read_record, record_rel,
+                      write_coco, write_labelled)
 from .runs import (RUNS, RunError, SettingsMismatch, check_settings, read_records, record_path, run_lock,
                    run_settings, settings_id, unfinished_shards)
 from .writers import (MASKS, OVERLAYS, PER_IMAGE, RECORDS, RUN_FILE, SCORES, BackgroundWriter, OutputError,
-                      encode_overlay_jpg, encode_scores_png, remove_stale_temporaries, write_bytes, write_json)
+                      encode_overlay_jpg, encode_scores_png, remove_stale_temporaries)
 
 __all__ = ["AnnotateConfig", "Plan", "SettingsMismatch", "Summary", "annotate", "merge", "outputs_of", "plan",
            "settings_of"]
 
 log = logging.getLogger("seglabel")
+BUCKET_WRITER_THREADS = 8  # writing into a bucket, each PUT waits on the network: more in flight
 
 
 @dataclass
 class AnnotateConfig:
-    out: Path
+    out: str | Path  # a folder, or a bucket prefix (s3://bucket/labels): outputs.open_out
     overwrite: bool = False
     overlay: bool = False
     save_scores: bool = False
@@ -56,7 +58,7 @@ class AnnotateConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     protocol: Protocol = field(default_factory=Protocol)  # used as given (predict.resolve_protocol decides it)
     workers: int | None = None  # loader processes; None: loader.default_workers(device)
-    writer_threads: int = 2
+    writer_threads: int = 2  # into a bucket at least BUCKET_WRITER_THREADS: each PUT waits on the network
     precision: str = "fp32"  # fp32 | fp16 | bf16 (autocast around the model only)
     compile: bool = False  # torch.compile the model's forward (pays off on long GPU runs)
     decode: str = "auto"  # JPEGs: auto (on the GPU when there is one) | cpu | device (loader.decode_device)
@@ -91,14 +93,15 @@ class Summary:
         return d
 
 
-def outputs_of(out: Path, item: ImageItem, config: AnnotateConfig) -> list[Path]:
-    """Every file an image gets from this command; its record, written last, comes last."""
-    paths = [out / MASKS / f"{item.key}.png"]
+def outputs_of(item: ImageItem, config: AnnotateConfig) -> list[str]:
+    """Every file an image gets from this command (relative to the output); its record, written
+    last, comes last."""
+    paths = [mask_rel(item.key)]
     if config.save_scores:
-        paths.append(out / SCORES / f"{item.key}.png")
+        paths.append(f"{SCORES}/{item.key}.png")
     if config.overlay:
-        paths.append(out / OVERLAYS / f"{item.key}.jpg")
-    return paths + [out / RECORDS / f"{item.key}.json"]
+        paths.append(f"{OVERLAYS}/{item.key}.jpg")
+    return paths + [record_rel(item.key)]
 
 
 @dataclass
@@ -107,11 +110,11 @@ class Plan:
     done: list[ImageItem] = field(default_factory=list)
     kept: list[ImageItem] = field(default_factory=list)  # corrected by a person: never relabelled
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    rewrites: list[tuple[Path, dict[str, Any]]] = field(default_factory=list)  # records to bring up to date
+    rewrites: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # records to bring up to date
     stale: set[str] = field(default_factory=set)  # keys of corrected masks whose photo changed: not in coco.json
 
 
-def plan(items: Sequence[ImageItem], config: AnnotateConfig, labelset: LabelSet) -> Plan:
+def plan(items: Sequence[ImageItem], config: AnnotateConfig, labelset: LabelSet, out: Out | None = None) -> Plan:
     """What a run does with each input (reads only; ``annotate`` applies ``rewrites``):
 
     - no record, or no mask: label it;
@@ -119,46 +122,68 @@ def plan(items: Sequence[ImageItem], config: AnnotateConfig, labelset: LabelSet)
       record is rewritten as corrected): kept, even with ``overwrite``; if its photo changed
       since, a failure (the corrected mask is not overwritten);
     - else label it when its photo changed since it was labelled (``records.photo_change``),
-      with ``overwrite``, or when an output the command asks for is missing; else it is done."""
-    out = Path(config.out)
+      with ``overwrite``, or when an output the command asks for is missing; else it is done.
+    ``out``: the output opened already (default: ``config.out``)."""
+    out = out if out is not None else open_out(config.out)
+    present: dict[str, Any] = {}
+    for sub in (MASKS, RECORDS) + ((SCORES,) if config.save_scores else ()) + ((OVERLAYS,) if config.overlay else ()):
+        present.update(out.listing(sub))  # one walk (one listing in a bucket), not a look per file
+    labelled = [item for item in items if record_rel(item.key) in present and mask_rel(item.key) in present]
+    heads = dict(out.read_heads([record_rel(item.key) for item in labelled], HEAD_BYTES))
     result = Plan()
-    for item in items:
-        _plan_image(out, item, config, labelset, result)
+    decide = lambda item: _plan_image(out, item, config, labelset, present, heads)  # noqa: E731
+    if out.local and not any(item.remote for item in items):
+        decisions = list(map(decide, items))
+    else:  # the photos' and records' reads overlap (each a request)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(16) as pool:
+            decisions = list(pool.map(decide, items))
+    for item, (kind, detail, rewrite) in zip(items, decisions):
+        if kind == "failed":
+            result.failures.append(detail)
+            if rewrite == "stale":
+                result.stale.add(item.key)
+            continue
+        getattr(result, kind).append(item)
+        if rewrite is not None:
+            result.rewrites.append((record_rel(item.key), rewrite))
     return result
 
 
-def _plan_image(out: Path, item: ImageItem, config: AnnotateConfig, labelset: LabelSet, plan: Plan) -> None:
-    record_file, mask_file = out / RECORDS / f"{item.key}.json", out / MASKS / f"{item.key}.png"
+def _plan_image(out: Out, item: ImageItem, config: AnnotateConfig, labelset: LabelSet, present: dict[str, Any],
+                heads: dict[str, bytes | None]) -> tuple[str, Any, Any]:
+    """(kind: todo, done, kept or failed; the failure; the record to write back, or "stale")."""
+    record_file, mask_file = record_rel(item.key), mask_rel(item.key)
+    head = heads.get(record_file)
+    if head is None:  # not labelled yet, or a record or mask gone: label it (again)
+        return "todo", None, None
     try:
-        record, st = read_record_head(record_file), os.stat(mask_file)
-    except (OutputError, OSError):  # not labelled yet, or a record or mask gone: label it (again)
-        plan.todo.append(item)
-        return
+        record = parse_record_head(head) or read_record(out, record_file)
+    except OutputError:
+        return "todo", None, None
+    st = present[mask_file]
     rewrite = None
     known = record.get("mask") or {}
-    if (known.get("bytes"), known.get("mtime_ns")) != (st.st_size, st.st_mtime_ns):  # the mask changed?
-        now = current_record(out, item.key, labelset)
+    if (known.get("bytes"), known.get(out.version_key)) != (st.size, st.version):  # the mask changed?
+        now = current_record(out, item.key, labelset, stat=st)
         if now.problem:
-            plan.failures.append(now.problem)
-            return
+            return "failed", now.problem, None
         record, rewrite = now.record, (now.record if now.edited else now.refresh)
-    change, photo = photo_change(record, item.path)
+    change, photo = photo_change(record, item)
     if record.get("corrected"):
         if change:
-            plan.failures.append((printable(item.path), f"{change}, but its mask was corrected by hand and is kept; "
-                                  f"to label it again, delete {mask_file} and {record_file}"))
-            plan.stale.add(item.key)
-            return
-        plan.kept.append(item)
-    elif change or config.overwrite or not all(p.is_file() for p in outputs_of(out, item, config)):
-        plan.todo.append(item)
-        return
+            return "failed", (printable(item.path), f"{change}, but its mask was corrected by hand and is kept; to "
+                                                    f"label it again, delete {out.shown(mask_file)} and "
+                                                    f"{out.shown(record_file)}"), "stale"
+        kind = "kept"
+    elif change or config.overwrite or not all(rel in present for rel in outputs_of(item, config)):
+        return "todo", None, None
     else:
-        plan.done.append(item)
+        kind = "done"
     if photo is not None:  # only touched: remember its new time, so the next rerun need not read it
-        rewrite = {**(rewrite or read_record(record_file)), "photo": photo}
-    if rewrite is not None:
-        plan.rewrites.append((record_file, rewrite))
+        rewrite = {**(rewrite or read_record(out, record_file)), "photo": photo}
+    return kind, None, rewrite
 
 
 def settings_of(labelset: LabelSet, segmenter: Segmenter, config: AnnotateConfig) -> dict[str, Any]:
@@ -178,28 +203,28 @@ def annotate(items: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSe
     A pipeline: loader processes decode and resize, the model runs on batches of equal-size
     inputs, writer threads encode and write; an image is done when its record is written (last,
     after its other outputs). Nothing is written before the protocol and settings checks pass."""
-    out = Path(config.out)
+    out = open_out(config.out)
     check_protocol(config.protocol, segmenter)  # before anything is written
     settings = settings_of(labelset, segmenter, config)
     with run_lock(out, config.part):
         check_settings(out, settings)
-        if config.cleanup:
-            remove_stale_temporaries(out, None if config.part is None else _owned_by(out, items))
-        planned = plan(items, config, labelset)
-        summary = Summary(out=str(out), total=len(items) + len(problems), skipped=len(planned.done),
+        if config.cleanup and isinstance(out, FolderOut):  # a bucket has none: each object is one PUT
+            remove_stale_temporaries(out.folder, None if config.part is None else _owned_by(out.folder, items))
+        planned = plan(items, config, labelset, out)
+        summary = Summary(out=out.shown(), total=len(items) + len(problems), skipped=len(planned.done),
                           kept=len(planned.kept), skipped_outputs=list(skipped_outputs))
         summary.failures.extend((p.path, p.reason) for p in problems)
         summary.failures.extend(planned.failures)
         previous = next((r for part, r in read_records(out) if part == config.part), {})
         roots = {r for r in previous.get("input_roots") or [] if isinstance(r, str)} | {item.root for item in items}
         record = _run_record(labelset, segmenter, config, settings, argv, sorted(roots))
-        write_json(record_path(out, config.part), {**record, "status": "running"})
+        out.write_json(record_path(config.part), {**record, "status": "running"})
         start = time.perf_counter()
         status, error = "failed", None
         try:
             for path, rewritten in planned.rewrites:  # edited masks recorded as corrected, touched photos
-                write_json(path, rewritten)
-            _label(planned.todo, segmenter, labelset, config, settings_id(settings), summary,
+                out.write_json(path, rewritten)
+            _label(out, planned.todo, segmenter, labelset, config, settings_id(settings), summary,
                    on_image or (lambda item, error: None))
             status = "done"
         except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: what was in flight is written
@@ -213,7 +238,7 @@ def annotate(items: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSe
     return summary
 
 
-def _label(todo: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSet, config: AnnotateConfig,
+def _label(out: Out, todo: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSet, config: AnnotateConfig,
            settings: str, summary: Summary, on_image: Callable[[ImageItem, str | None], None]) -> None:
     device = segmenter.device
     if device.type == "cuda":
@@ -221,11 +246,12 @@ def _label(todo: Sequence[ImageItem], segmenter: Segmenter, labelset: LabelSet, 
     if config.compile and not hasattr(segmenter.forward, "_torchdynamo_orig_callable"):
         segmenter.forward = torch.compile(segmenter.forward, dynamic=True)
     predictor = Predictor(segmenter, config.protocol, config.batch_size)
-    workers = default_workers(device) if config.workers is None else config.workers
+    remote = any(item.remote for item in todo)
+    workers = default_workers(device, remote) if config.workers is None else config.workers
     memory = MemoryCheck.now(config.protocol, len(labelset), segmenter.stride, config.overlay, config.save_scores)
-    writer = BackgroundWriter(config.writer_threads, limit=2 * config.batch_size + 2)
+    threads = config.writer_threads if out.local else max(config.writer_threads, BUCKET_WRITER_THREADS)
+    writer = BackgroundWriter(threads, limit=2 * config.batch_size + threads)
     buckets: dict[tuple, list[Loaded]] = {}  # equal input shapes batch together
-    out = Path(config.out)
 
     def finished(items: list[ImageItem]) -> None:
         for item in items:
@@ -361,7 +387,7 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _finish_run(out: Path, labelset: LabelSet, config: AnnotateConfig, record: dict[str, Any], status: str,
+def _finish_run(out: Out, labelset: LabelSet, config: AnnotateConfig, record: dict[str, Any], status: str,
                 summary: Summary, error: BaseException | None = None, stale: set[str] = frozenset()) -> None:
     """coco.json (whole runs only; without the ``stale`` keys) and the final run record, even after
     Ctrl-C or ``error`` (which goes on propagating). The run record always ends true: a write that
@@ -379,7 +405,7 @@ def _finish_run(out: Path, labelset: LabelSet, config: AnnotateConfig, record: d
         summary.failures.extend(p for p in left_out if p[0] not in reported)
     final = {**record, "status": status, **({"error": failure} if failure else {}), "summary": summary.to_dict()}
     try:
-        _write_run_record(record_path(out, config.part), final)
+        _write_run_record(out, record_path(config.part), final)
     except OutputError:
         if error is None and own is None:
             raise
@@ -387,11 +413,11 @@ def _finish_run(out: Path, labelset: LabelSet, config: AnnotateConfig, record: d
         raise own
 
 
-def _write_run_record(path: Path, final: dict[str, Any]) -> None:
+def _write_run_record(out: Out, path: str, final: dict[str, Any]) -> None:
     """The run record; when even that cannot be written (a full disk, a size limit), a compact one
     saying ``failed`` and why, so run.json never stays ``running`` after the run ended."""
     try:
-        write_json(path, final)
+        out.write_json(path, final)
         return
     except OutputError as e:
         first = e
@@ -402,7 +428,7 @@ def _write_run_record(path: Path, final: dict[str, Any]) -> None:
                     {**{k: core[k] for k in ("seglabel_version", "settings", "part") if k in core},
                      "status": "failed", "error": why}):
         try:
-            write_json(path, smaller, indent=None)
+            out.write_json(path, smaller, indent=None)
             break
         except OutputError:
             continue
@@ -418,43 +444,44 @@ def merge(out: str | Path, left_out: list[tuple[str, str]] | None = None) -> int
     Refused while shards are missing, unfinished or running, and in a folder seglabel did not
     write. Images whose mask cannot be used are left out and added to ``left_out`` (path, reason)
     (without it: refused). A write error leaves run.json ``failed`` with the error."""
-    out = Path(out)
-    if not (out / RUNS).is_dir():
-        raise RunError(f"{out}: no shard records in {out / RUNS}; nothing to merge")
-    if not is_run_folder(out):
-        raise RunError(f"{out}: not written by seglabel (no run.json or shard records of a seglabel run); "
+    out = open_out(out)
+    if not out.listing(RUNS):
+        raise RunError(f"{out.shown()}: no shard records in {out.shown(RUNS)}; nothing to merge")
+    if not out.is_run_folder():
+        raise RunError(f"{out.shown()}: not written by seglabel (no run.json or shard records of a seglabel run); "
                        "nothing to merge")
     with run_lock(out, None):
-        remove_stale_temporaries(out)  # no part is running: whatever is left is stale
+        if isinstance(out, FolderOut):
+            remove_stale_temporaries(out.folder)  # no part is running: whatever is left is stale
         _, problems = unfinished_shards(out)
         if problems:
-            raise RunError(f"{out}: cannot merge: {'; '.join(problems)}")
+            raise RunError(f"{out.shown()}: cannot merge: {'; '.join(problems)}")
         parts = {part: rec for part, rec in read_records(out) if part is not None}
         first = parts[sorted(parts)[0]]
-        labelset = parse_labelset(first["labelset"], source=first.get("labelset_source") or str(out))
+        labelset = parse_labelset(first["labelset"], source=first.get("labelset_source") or out.shown())
         check_settings(out, first["settings"])
         roots = sorted({root for r in parts.values() for root in r.get("input_roots") or []})
         record = {**first, "part": None, "merged": sorted(parts), "input_roots": roots}
         # Each part's record holds its latest run: failures still standing after any reruns.
         failures = [f for r in parts.values() for f in r.get("summary", {}).get("failures", [])]
-        summary = {"out": str(out), "failures": failures}
+        summary = {"out": out.shown(), "failures": failures}
         try:
             n = write_coco(out, labelset, info=_coco_info(labelset, first), left_out=left_out)
         except OutputError as e:
             with contextlib.suppress(OutputError):  # the first error is the one to report
-                _write_run_record(out / RUN_FILE, {**record, "status": "failed", "error": str(e), "summary": summary})
+                _write_run_record(out, RUN_FILE, {**record, "status": "failed", "error": str(e), "summary": summary})
             raise e
-        _write_run_record(out / RUN_FILE, {**record, "status": "done", "summary": {**summary, "images": n}})
+        _write_run_record(out, RUN_FILE, {**record, "status": "done", "summary": {**summary, "images": n}})
     return n
 
 
-def _write_image(out: Path, item: ImageItem, rgb, pred: Prediction, labelset: LabelSet, config: AnnotateConfig,
+def _write_image(out: Out, item: ImageItem, rgb, pred: Prediction, labelset: LabelSet, config: AnnotateConfig,
                  settings: str, photo: dict[str, Any] | None = None) -> None:
     mask = to_mask(pred, labelset, config.min_confidence)
     if config.save_scores:
-        write_bytes(out / SCORES / f"{item.key}.png", encode_scores_png(pred.confidence))
+        out.write_bytes(f"{SCORES}/{item.key}.png", encode_scores_png(pred.confidence))
     if config.overlay:
-        write_bytes(out / OVERLAYS / f"{item.key}.jpg", encode_overlay_jpg(rgb, mask, labelset))
+        out.write_bytes(f"{OVERLAYS}/{item.key}.jpg", encode_overlay_jpg(rgb, mask, labelset))
     height, width = mask.shape
     write_labelled(out, item.key, item.rel, mask, labelset, settings_id=settings, confidence=pred.confidence,
                    photo=None if photo is None else {"width": width, "height": height, **photo})

@@ -49,12 +49,14 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 @app.command()
 @guarded
 def annotate(
-    inputs: List[Path] = typer.Argument(None, help="Image files and folders (walked recursively).", show_default=False),
+    inputs: List[str] = typer.Argument(None, help="Image files and folders (walked recursively), URLs of photos or of "
+                                       "prefixes (s3://, gs://, az://, https://...), WebDataset .tar shards.",
+                                       show_default=False),
     # -- inputs
     labels: Path = option(..., "--labels", "-l", panel=INPUTS, help="Label set YAML (see labelsets/)."),
     from_list: Optional[str] = option(None, "--from-list", panel=INPUTS, help="File with one image path per "
                                       "line (# starts a comment); - for stdin."),
-    root: Optional[Path] = option(None, "--root", panel=INPUTS, help="Output paths are relative to this folder "
+    root: Optional[str] = option(None, "--root", panel=INPUTS, help="Output paths are relative to this folder (or URL prefix) "
                                   "(list entries too); without it a listed file mirrors its absolute path."),
     max_pixels: int = option(178_956_970, "--max-pixels", panel=INPUTS, help="Refuse images with more pixels."),
     # -- model
@@ -99,7 +101,8 @@ def annotate(
                      "(slow)."),
     pamr: bool = flag("--pamr", panel=PROTOCOL, help="Refine the upsampled logits with PAMR (NACLIP's option)."),
     # -- outputs
-    out: Path = option(Path("labels"), "--out", "-o", panel=OUTPUTS, help="Output folder."),
+    out: str = option("labels", "--out", "-o", panel=OUTPUTS, help="Output folder, or a bucket prefix "
+                      "(s3://bucket/labels)."),
     min_confidence: Optional[float] = option(None, "--min-confidence", panel=OUTPUTS, help="Pixels less "
                                              "confident than this (0 to 1) are written as 255."),
     overlay: bool = flag("--overlay", panel=OUTPUTS, help="Also write colour overlays (overlays/*.jpg)."),
@@ -152,23 +155,25 @@ def annotate(
 
 @app.command()
 @guarded
-def merge(out: Path = typer.Argument(..., help="Output folder the shards wrote into.")) -> int:
+def merge(out: str = typer.Argument(..., help="Output folder (or bucket prefix) the shards wrote into.")) -> int:
     """Write OUT/coco.json from every shard's records, once all shards have finished."""
     from .annotate import merge as merge_shards
 
     left_out: list[tuple[str, str]] = []
     n = merge_shards(out, left_out)
     _print_left_out(left_out)
-    typer.echo(f"{n} images -> {out / 'coco.json'}", err=True)
+    from .outputs import open_out
+
+    typer.echo(f"{n} images -> {open_out(out).shown('coco.json')}", err=True)
     return exitcodes.FAILURES if left_out else exitcodes.OK
 
 
 @app.command("eval")
 @guarded
 def evaluate(
-    pred: Path = typer.Option(..., "--pred", help="annotate's output folder, or a folder of mask PNGs."),
-    gt: Path = typer.Option(..., "--gt", help="Folder of ground-truth mask PNGs (same relative paths), or a run "
-                            "whose corrections came back (seglabel import)."),
+    pred_text: str = typer.Option(..., "--pred", help="annotate's output folder, or a folder of mask PNGs."),
+    gt_text: str = typer.Option(..., "--gt", help="Folder of ground-truth mask PNGs (same relative paths), or a run "
+                                "whose corrections came back (seglabel import)."),
     labels: Optional[Path] = typer.Option(None, "--labels", "-l", help="Label set YAML the masks use (default: "
                                           "the one in --pred's run.json, else --gt's; needed for folders of mask PNGs)."),
     id_map: Optional[Path] = typer.Option(None, "--id-map", help="YAML/JSON map: ground-truth id -> class index or name."),
@@ -178,8 +183,14 @@ def evaluate(
     as_json: bool = flag("--json", help="Print the scores as JSON on stdout."),
 ) -> int:
     """Score predicted masks against ground truth: per-class IoU, mIoU, pixel accuracy."""
-    from .evaluate import evaluate_folders, render_table
+    from . import storage
+    from .evaluate import EvalError, evaluate_folders, render_table
 
+    for flag_name, text in (("--pred", pred_text), ("--gt", gt_text)):
+        if storage.is_url(text) and storage.local_path(text) is None:
+            raise EvalError(f"{flag_name} {storage.redact(text)}: eval reads local folders only; copy it down first "
+                            "(e.g. aws s3 sync URL DIR)")
+    pred, gt = (Path(storage.local_path(t) or t) for t in (pred_text, gt_text))
     labelset = load_labelset(labels) if labels else None
     result = evaluate_folders(pred, gt, labelset, id_map, map_by_name=map_by_name, gt_all=gt_all)
     if as_json:
@@ -361,8 +372,10 @@ def _print_left_out(left_out) -> None:
 @app.command("preview")
 @guarded
 def preview(
-    out: Path = typer.Argument(..., help="annotate's output folder."),
-    images: List[Path] = typer.Option([], "--images", help="Folder the photos were labelled from (if not where run.json says)."),
+    out: str = typer.Argument(..., help="annotate's output folder, or its bucket prefix (s3://...)."),
+    images: List[str] = typer.Option([], "--images", help="Folder the photos were labelled from (if not where run.json says)."),
+    dest: Optional[str] = typer.Option(None, "--dest", help="Folder to write the pages into (default: OUT/preview; "
+                                        "needed for a run in a bucket)."),
     per_page: int = typer.Option(100, "--per-page", min=1, help="Cards per HTML page."),
     jobs: int = typer.Option(0, "--jobs", "-j", min=0, help="Processes drawing overlays (0: one per CPU)."),
     open_browser: bool = flag("--open", help="Open the contact sheet in a web browser."),
@@ -372,7 +385,7 @@ def preview(
 
     from .preview import build_preview
 
-    result = build_preview(out, images, per_page=per_page, jobs=jobs)
+    result = build_preview(out, images, per_page=per_page, jobs=jobs, dest=dest)
     _print_left_out(result.left_out)
     if result.missing_photos:
         typer.echo(one_line(f"{len(result.missing_photos)} photos not found, drawn on grey (first: "
@@ -388,10 +401,11 @@ def preview(
 @app.command("export")
 @guarded
 def export(
-    out: Path = typer.Argument(..., help="annotate's output folder."),
+    out: str = typer.Argument(..., help="annotate's output folder, or its bucket prefix (s3://...)."),
     fmt: str = typer.Option(..., "--format", "-f", help="cvat, labelstudio, fiftyone, hf (Hugging Face dataset) or webdataset."),
-    dest: Optional[Path] = typer.Option(None, "--dest", help="Output folder (default: OUT/export/FORMAT)."),
-    images: List[Path] = typer.Option([], "--images", help="Folder the photos were labelled from (if not where run.json says)."),
+    dest: Optional[str] = typer.Option(None, "--dest", help="Output folder (default: OUT/export/FORMAT; needed for a "
+                                        "run in a bucket)."),
+    images: List[str] = typer.Option([], "--images", help="Folder the photos were labelled from (if not where run.json says)."),
     document_root: Optional[Path] = typer.Option(None, "--document-root", help="labelstudio: "
                                                  "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; image paths relative to it."),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="hf, webdataset: images per shard "

@@ -28,14 +28,16 @@ from .cli_handler import (
     guarded,
     option,
 )
+from .errors import UsageError
 from .writers import check_output_folder
 
 
 @guarded
 def distill(
     # Inputs
-    pseudo: Optional[Path] = option(None, "--pseudo", panel=INPUTS, help="annotate's output folder (masks/ + "
-                                    "run.json) or a folder of mask PNGs."),
+    pseudo: Optional[str] = option(None, "--pseudo", panel=INPUTS, help="annotate's output folder (masks/ + "
+                                   "run.json) or a folder of mask PNGs; or a run in a bucket (s3://..., copied into "
+                                   "OUT/pseudo first)."),
     images: Path = option(..., "--images", panel=INPUTS, help="Folder of the images the pseudo-labels were made from."),
     labels: Optional[Path] = option(None, "--labels", "-l", panel=INPUTS, help="Label set YAML (default: the one "
                                     "in --pseudo's run.json)."),
@@ -129,6 +131,7 @@ def distill(
     from .distill import DistillConfig, plan, train
 
     check_output_folder(out)
+    pseudo = _local_pseudo(pseudo, out, dry_run)
     cfg = DistillConfig(
         images=str(images), out=str(out), pseudo=str(pseudo) if pseudo else None,
         labels=str(labels) if labels else None, teacher=teacher, teacher_labels=teacher_labels, clip=clip,
@@ -151,3 +154,29 @@ def distill(
     train(ready, progress_bar=False)  # on Ctrl-C or SIGTERM it saves last.pt before the interrupt reaches the handler
     return exitcodes.OK
 
+
+_DRY_RUN_COPY: list = []  # a dry run's copy of a bucket's run lives (in a temporary folder) until the process ends
+
+
+def _local_pseudo(pseudo: str | None, out: Path, dry_run: bool = False) -> str | None:
+    """--pseudo as a local folder: a run in a bucket is copied (run.json, masks/, records/, scores/;
+    on a rerun only what changed) into OUT/pseudo, which distill then reads as any run folder (a
+    dry run, which writes nothing in OUT, into a temporary folder)."""
+    import tempfile
+
+    from . import storage
+
+    if pseudo is None or not storage.is_url(pseudo):
+        return pseudo
+    local = storage.local_path(pseudo)
+    if local is not None:
+        return local
+    from .outputs import copy_down, open_out
+
+    run = open_out(pseudo)
+    if run.stat("run.json") is None and not run.holds("masks"):
+        raise UsageError(f"--pseudo {run.shown()}: no run.json and no masks/ there (not a seglabel run)")
+    if dry_run:
+        _DRY_RUN_COPY.append(tempfile.TemporaryDirectory(prefix="seglabel-pseudo-"))
+        return str(copy_down(run, _DRY_RUN_COPY[-1].name))
+    return str(copy_down(run, out / "pseudo"))

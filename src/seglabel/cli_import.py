@@ -18,8 +18,8 @@ def import_command(
     source: str = typer.Argument(..., help="The tool's export: a Label Studio JSON export, a CVAT Segmentation "
                                  "mask 1.1 zip (or folder), a FiftyOne export folder, a COCO JSON (or zip); or "
                                  "the name of a FiftyOne dataset.", show_default=False),
-    into: Path = typer.Option(..., "--into", help="The run folder the labels were exported from (or a new folder, "
-                              "with --labels)."),
+    into_text: str = typer.Option(..., "--into", help="The run folder the labels were exported from (or a new "
+                                  "folder, with --labels)."),
     fmt: Optional[str] = typer.Option(None, "--format", "-f", help="labelstudio, cvat, fiftyone or coco (default: "
                                       "from what SOURCE holds)."),
     labels: Optional[Path] = typer.Option(None, "--labels", "-l", help="Label set of a new run (--into a folder "
@@ -36,8 +36,15 @@ def import_command(
 ) -> int:
     """Bring corrections made in Label Studio, CVAT, FiftyOne or a COCO tool back into a run:
     each corrected mask is written with a record saying a person made it."""
+    from . import storage
     from .corrections import import_corrections
+    from .errors import UsageError
     from .writers import to_json
+
+    if storage.is_url(into_text) and storage.local_path(into_text) is None:  # else a local "s3:" folder
+        raise UsageError(f"--into {storage.redact(into_text)}: corrections are imported into a local run folder; "
+                         "copy the run down, import, and copy it up")
+    into = Path(storage.local_path(into_text) or into_text)
 
     result = import_corrections(source, into, fmt, labels=labels, images=images, field=field,
                                 all_reviewed=all_reviewed, dry_run=dry_run,

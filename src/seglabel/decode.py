@@ -28,14 +28,15 @@ _ORIENTATION = 0x0112  # EXIF tag (PIL's getexif also finds it in XMP)
 _ROTATED = frozenset(range(2, 9))  # the orientations ImageOps.exif_transpose acts on
 
 
-def device_jpeg(path: str | Path, max_pixels: int) -> tuple[torch.Tensor, tuple[int, int]] | None:
+def device_jpeg(path: str | Path, max_pixels: int, data: bytes | None = None) -> tuple[torch.Tensor, tuple[int, int]] | None:
     """The file's bytes (uint8, 1-D) and its (H, W), if it is a JPEG the device decoder reads to
     the pixels ``load_image`` gives; None for anything else (which then takes the CPU path, where
     unreadable files get their usual error). Reads the header only: cheap in a loader process."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError:
-        return None
+    if data is None:  # else its bytes were read already (a photo at a URL)
+        try:
+            data = Path(path).read_bytes()
+        except OSError:
+            return None
     if len(data) < 4 or not data.startswith(b"\xff\xd8") or not data.rstrip(b"\x00").endswith(_EOI):
         return None  # not a JPEG, or truncated (PIL reports those; nvjpeg might not)
     try:

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
-import re
 import stat
 import sys
 import warnings
@@ -15,8 +15,11 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import storage
 from .errors import UsageError
 from .layout import OUTPUT_FOLDERS, PER_IMAGE, is_run_folder
+from .storage import inputs as remote_inputs
+from .storage.tar_shards import Member, read_member
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 DEFAULT_MAX_PIXELS = 178_956_970  # twice PIL's own decompression-bomb warning level
@@ -51,8 +54,10 @@ def _utf8(text: str) -> bool:
 
 @dataclass(frozen=True)
 class ImageItem:
-    path: Path  # where to read it
+    path: Path | str  # where to read it: a local path; a URL (str); for a photo in a tar shard, "SHARD#MEMBER"
     rel: str  # posix path relative to its input root; outputs mirror it
+    member: Member | None = None  # a photo inside a WebDataset tar shard (storage.tar_shards)
+    listed: tuple[int, str] | None = None  # a URL's (bytes, ETag) as listed: a rerun knows it unchanged by them
 
     @property
     def key(self) -> str:
@@ -60,8 +65,21 @@ class ImageItem:
         return str(PurePosixPath(self.rel).with_suffix(""))
 
     @property
+    def remote(self) -> bool:
+        """Read through the storage layer (a URL, or a photo inside a tar shard), not as a local file."""
+        return isinstance(self.path, str)
+
+    @property
     def root(self) -> str:
-        """The absolute folder ``rel`` is relative to (where preview and export look for the photo)."""
+        """What ``rel`` is relative to (where preview and export look for the photo): a folder, a
+        URL prefix, or the tar shard that holds it."""
+        if self.member is not None:
+            return self.member.shard
+        if isinstance(self.path, str):
+            if not self.path.endswith("/" + self.rel):
+                return self.path.rsplit("/", 1)[0]
+            base = self.path[: len(self.path) - len(self.rel)]
+            return base if base.endswith("://") else base[:-1]  # "s3://" for a listed URL kept whole
         path = os.path.abspath(self.path)
         if not path.endswith(os.sep + self.rel):  # an item made by hand: its own folder
             return os.path.dirname(path)
@@ -96,17 +114,32 @@ def find_images(paths: Iterable[str | Path] = (), listed: Iterable[str] = (),
     folder that ``layout.is_run_folder`` recognises is not walked, and files given or listed inside
     one are left out; those folders are listed in ``skipped_outputs``. List entries are reported as
     written (URLs too, which are not read)."""
-    excluded = [os.path.realpath(p) for p in exclude]
-    base = os.path.abspath(root) if root is not None else None
-    if base is not None and not os.path.isdir(base):
-        raise UsageError(f"--root {printable(root)}: no such folder")
+    local_excluded, remote_excluded = [], []
+    for e in exclude:
+        text = os.fspath(e)
+        if remote_inputs.remote(text):
+            remote_excluded.append(text)
+        else:
+            local_excluded.append(storage.local_path(text) if storage.is_url(text) else text)
+    excluded = [os.path.realpath(p) for p in local_excluded]
+    base, root_url = _root(root)
     found: list[ImageItem] = []
     problems: list[ImageError] = []
     outputs = _OutputFolders()
-    for p in map(Path, paths):
+    remote = remote_inputs.RemoteInputs()
+    for given in paths:
+        text = os.fspath(given)
+        if remote_inputs.remote(text):
+            remote_inputs.given_url(text, root_url, remote_excluded, IMAGE_SUFFIXES, remote)
+            continue
+        p = Path(storage.local_path(text) if storage.is_url(text) else text)
+        if root_url is not None:
+            raise UsageError(f"{printable(p)}: given, but not inside --root {storage.redact(root_url)}")
         under = _under(base, p, "given") if base is not None else None
         if p.is_dir():
             found.extend(_walk(p, excluded, problems, outputs, prefix=under or ""))
+        elif p.is_file() and remote_inputs.is_shard(p.name):
+            remote_inputs.shard(str(p), IMAGE_SUFFIXES, remote)
         elif p.is_file():
             if not outputs.holds(p):
                 found.append(ImageItem(p, under or p.name))
@@ -118,8 +151,11 @@ def find_images(paths: Iterable[str | Path] = (), listed: Iterable[str] = (),
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
-        if _URL.match(entry):
-            problems.append(ImageError(entry, "a URL: seglabel reads local files only (download it, then list the file)"))
+        if remote_inputs.remote(entry) and base is not None:
+            problems.append(ImageError(entry, f"listed, but not inside --root {printable(base)} (a URL)"))
+            continue
+        if remote_inputs.remote(entry) or (root_url is not None and not storage.is_url(entry)):
+            remote_inputs.listed_url(entry, root_url, IMAGE_SUFFIXES, remote)
             continue
         p = Path(base, entry) if base is not None else Path(entry)
         looked = "" if str(p) == entry else f" (looked for {printable(p)})"
@@ -127,12 +163,17 @@ def find_images(paths: Iterable[str | Path] = (), listed: Iterable[str] = (),
             problems.append(ImageError(entry, (_not_regular(p) if os.path.lexists(p) else "listed but not found") + looked))
         elif outputs.holds(p):
             continue
+        elif remote_inputs.is_shard(p.name):
+            remote_inputs.shard(str(p), IMAGE_SUFFIXES, remote, entry)
         elif base is None:
             found.append(ImageItem(p, PurePosixPath(os.path.abspath(p)).relative_to("/").as_posix()))
         elif (rel := _under(base, p, "listed", strict=False)) is None:
             problems.append(ImageError(entry, f"listed, but not inside --root {printable(base)}{looked}"))
         else:
             found.append(ImageItem(p, rel))
+    found += [ImageItem(f.source, f.rel, member=f.member, listed=f.listed) for f in remote.found]
+    problems += [ImageError(source, reason) for source, reason in remote.problems]
+    outputs.skipped |= remote.skipped_outputs
     found.sort(key=lambda item: (item.rel, str(item.path)))
     items, owner = [], {}
     for item in found:
@@ -149,7 +190,17 @@ def find_images(paths: Iterable[str | Path] = (), listed: Iterable[str] = (),
     return Inputs(items, problems, sorted(outputs.skipped))
 
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+def _root(root: str | Path | None) -> tuple[str | None, str | None]:
+    """(local --root, URL --root); the other None."""
+    if root is None:
+        return None, None
+    text = os.fspath(root)
+    if remote_inputs.remote(text):
+        return None, storage.check_url(text.rstrip("/"), "--root")
+    base = os.path.abspath(storage.local_path(text) if storage.is_url(text) else text)
+    if not os.path.isdir(base):
+        raise UsageError(f"--root {printable(root)}: no such folder")
+    return base, None
 
 
 class _OutputFolders:
@@ -288,24 +339,57 @@ def file_fingerprint(path: str | Path) -> dict[str, int | str]:
     return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest.hexdigest()}
 
 
-def oriented_size(path: str | Path) -> tuple[int, int]:
+def read_photo(item: ImageItem) -> bytes:
+    """The bytes of a photo read through the storage layer (a URL, or a photo inside a tar shard),
+    each read retried on transient errors (storage.objects); ``ImageError`` (one line) otherwise."""
+    try:
+        if item.member is not None:
+            return read_member(item.member)
+        return storage.read_bytes(str(item.path))
+    except storage.StorageError as e:
+        raise ImageError(item.path, f"cannot read ({e.reason})") from None
+    except OSError as e:  # a local tar shard
+        raise ImageError(item.path, f"cannot read ({(e.strerror or type(e).__name__).lower()})") from None
+
+
+def photo_fingerprint(item: ImageItem, data: bytes) -> dict[str, int | str]:
+    """``file_fingerprint`` of a photo read by ``read_photo``: its size, its version (an object's
+    ETag, as listed or asked for; a tar member's mtime) and the SHA-256 of its bytes."""
+    found: dict[str, int | str] = {"bytes": len(data)}
+    if item.member is not None:
+        found["mtime_ns"] = item.member.mtime * 1_000_000_000
+    else:
+        etag = item.listed[1] if item.listed else None
+        if not etag:
+            try:
+                etag = storage.info(str(item.path)).etag
+            except storage.StorageError:
+                etag = None
+        if etag:
+            found["etag"] = etag
+    found["sha256"] = hashlib.sha256(data).hexdigest()
+    return found
+
+
+def oriented_size(path: str | Path, data: bytes | None = None) -> tuple[int, int]:
     """(width, height) of the image as ``load_image`` gives it (EXIF orientation applied), from
     the header only; ``ImageError`` if it cannot be read."""
-    with _opened(path, sys.maxsize) as img:
+    with _opened(path, sys.maxsize, data) as img:
         width, height = img.size
         turned = img.getexif().get(0x0112) in (5, 6, 7, 8)  # a quarter turn: the sides swap
     return (height, width) if turned else (width, height)
 
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
-               fits: Callable[[int, int], str | None] | None = None) -> np.ndarray:
+               fits: Callable[[int, int], str | None] | None = None, data: bytes | None = None) -> np.ndarray:
     """An image file as RGB uint8 (H, W, 3), EXIF orientation applied; ``ImageError`` otherwise.
+    ``data``: the file's bytes, already read (a photo at a URL); ``path`` then only names it.
 
     The size is checked against ``max_pixels`` from the header, before any pixel is decoded
     (PIL's own decompression-bomb limit is replaced by this one), and given to ``fits(width,
     height)``, which may refuse it too (by returning the reason). Animations give their first frame.
     Any failure to read or decode is an ``ImageError`` with a one-line reason."""
-    with _opened(path, max_pixels) as img:
+    with _opened(path, max_pixels, data) as img:
         reason = fits(*img.size) if fits is not None else None
         if reason:
             raise ImageError(path, reason)
@@ -314,33 +398,37 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
         return _to_rgb(ImageOps.exif_transpose(img))
 
 
-def read_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+def read_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, data: bytes | None = None) -> tuple[int, int]:
     """(width, height) from the header, with every check ``load_image`` makes before decoding."""
-    with _opened(path, max_pixels) as img:
+    with _opened(path, max_pixels, data) as img:
         return img.size
 
 
 @contextmanager
-def _opened(path: str | Path, max_pixels: int) -> Iterator[Image.Image]:
-    """The image opened (header read, nothing decoded); any failure, in here or in the body, is
-    an ``ImageError``."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise ImageError(path, f"broken symbolic link (to {printable(os.readlink(path))})") from None
-        raise ImageError(path, "vanished before it could be read") from None
-    except OSError as e:
-        raise ImageError(path, f"cannot read ({(e.strerror or type(e).__name__).lower()})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageError(path, "not a regular file")
-    if st.st_size == 0:
+def _opened(path: str | Path, max_pixels: int, data: bytes | None = None) -> Iterator[Image.Image]:
+    """The image opened (header read, nothing decoded) from ``path``, or from ``data`` (its bytes,
+    read already); any failure, in here or in the body, is an ``ImageError``."""
+    if data is None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            if os.path.islink(path):
+                raise ImageError(path, f"broken symbolic link (to {printable(os.readlink(path))})") from None
+            raise ImageError(path, "vanished before it could be read") from None
+        except OSError as e:
+            raise ImageError(path, f"cannot read ({(e.strerror or type(e).__name__).lower()})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(path, "not a regular file")
+        size = st.st_size
+    else:
+        size = len(data)
+    if size == 0:
         raise ImageError(path, "not an image: empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # bomb warnings (checked below), EXIF and palette notes
             with _no_pil_pixel_limit():
-                img = Image.open(path)
+                img = Image.open(path if data is None else io.BytesIO(data))
             with img:
                 w, h = img.size
                 if w * h > max_pixels:

@@ -11,6 +11,7 @@ before, which is also the fallback for any JPEG the device decoder refuses.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -19,11 +20,12 @@ import torch
 
 from .decode import decode_jpegs, device_decoding_available, device_jpeg
 from .errors import UsageError
-from .images import ImageError, ImageItem, file_fingerprint, load_image
+from .images import ImageError, ImageItem, file_fingerprint, load_image, photo_fingerprint, read_photo
 from .interrupts import leave_signals_to_parent
 from .predict import Protocol, prepare_image, prepare_pixels
 
 DECODE_CHOICES = ("auto", "cpu", "device")
+REMOTE_CPU_WORKERS = 4  # loader processes for photos read from a store, on a CPU
 
 
 @dataclass
@@ -56,22 +58,32 @@ class _Images(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Loaded:
         item = self.items[i]
-        try:  # read here, beside the decoding: a rerun knows the photo again by it (records.py)
-            photo = file_fingerprint(item.path)
-        except OSError:
-            photo = None  # the decoding reports what is wrong with the file
+        data = None
+        if item.remote:  # a URL or a photo in a tar shard: its bytes, fetched here (retried), once
+            try:
+                data = read_photo(item)
+            except ImageError as e:
+                return Loaded(item, error=e.reason, shown_path=e.path)
+            photo = photo_fingerprint(item, data)
+        else:
+            try:  # read here, beside the decoding: a rerun knows the photo again by it (records.py)
+                photo = file_fingerprint(item.path)
+            except OSError:
+                photo = None  # the decoding reports what is wrong with the file
         if self.encoded:
-            found = device_jpeg(item.path, self.max_pixels)
+            found = device_jpeg(item.path, self.max_pixels, data)
             if found is not None and (self.fits is None or self.fits(found[1][1], found[1][0]) is None):
                 return Loaded(item, size=found[1], jpeg=found[0], photo=photo)  # else the CPU path reports it
-        loaded = self.decode(item)
+        loaded = self.decode(item, data)
         loaded.photo = photo
         return loaded
 
-    def decode(self, item: ImageItem) -> Loaded:
+    def decode(self, item: ImageItem, data: bytes | None = None) -> Loaded:
         """The CPU path: PIL decodes, the tensor is resized here."""
         try:
-            rgb = load_image(item.path, self.max_pixels, self.fits)
+            if data is None and item.remote:
+                data = read_photo(item)
+            rgb = load_image(item.path, self.max_pixels, self.fits, data)
         except ImageError as e:
             return Loaded(item, error=e.reason, shown_path=e.path)
         size = (int(rgb.shape[0]), int(rgb.shape[1]))
@@ -81,14 +93,15 @@ class _Images(torch.utils.data.Dataset):
         return Loaded(item, x, size, rgb if self.keep_rgb else None)
 
 
-def default_workers(device: torch.device) -> int:
+def default_workers(device: torch.device, remote: bool = False) -> int:
     """Loader processes: on an accelerator enough to keep it fed. On a CPU none: decoding and
     resizing cost under 1% of a CPU forward pass, and a loader process would take cores from
-    the model's threads (oversubscribed OpenMP threads slow every forward pass)."""
+    the model's threads (oversubscribed OpenMP threads slow every forward pass); but photos read
+    from a store (``remote``) get 4, which mostly wait on the network, so reads overlap."""
     if device.type == "cpu":
-        return 0
+        return REMOTE_CPU_WORKERS if remote else 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores - 1))
+    return max(1, min(8, cores - 1), REMOTE_CPU_WORKERS if remote else 1)
 
 
 def decode_device(choice: str, device: torch.device) -> torch.device | None:
@@ -117,10 +130,12 @@ def load_images(items: Sequence[ImageItem], protocol: Protocol, mean, std, max_p
     if workers <= 0 or len(dataset) <= 1:
         loaded: Iterator[Loaded] = (dataset[i] for i in range(len(dataset)))
     else:
-        loaded = iter(torch.utils.data.DataLoader(
-            dataset, batch_size=None, shuffle=False, num_workers=min(workers, len(dataset)),
-            collate_fn=_identity, pin_memory=pin_memory, prefetch_factor=prefetch,
-            worker_init_fn=leave_signals_to_parent))
+        with warnings.catch_warnings():  # more loaders than cores is meant for photos that wait on the network
+            warnings.filterwarnings("ignore", message="This DataLoader will create")
+            loaded = iter(torch.utils.data.DataLoader(
+                dataset, batch_size=None, shuffle=False, num_workers=min(workers, len(dataset)),
+                collate_fn=_identity, pin_memory=pin_memory, prefetch_factor=prefetch,
+                worker_init_fn=leave_signals_to_parent))
     if not encoded:
         yield from loaded
         return

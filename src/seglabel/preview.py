@@ -4,7 +4,8 @@ Writes ``OUT/preview/``: ``index.html`` (page 1) and ``page-N.html``, ``style.cs
 ``thumbs/<key>.jpg`` and ``full/<key>.jpg`` (the photo under its labels at 50%, ignored pixels
 striped magenta). Only relative links, nothing from the network, so it opens from ``file://``;
 pages of ``per_page`` cards with lazily loaded thumbnails keep 100,000 images usable.
-Reruns redraw only the overlays whose mask changed (``preview/rendered.json``).
+Reruns redraw only the overlays whose mask changed (``preview/rendered.json``). A run in a bucket
+is previewed into a local ``--dest`` folder.
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ import numpy as np
 from PIL import Image
 
 from .exports.run_output import ImageEntry, RunOutput, load_rgb, read_mask, read_output
+from . import storage
 from .errors import UsageError
 from .labelset import LabelSet
-from .writers import RECORDS, write_bytes, write_json
+from .writers import MASKS, RECORDS, write_bytes, write_json
 
 PREVIEW = "preview"
 IGNORE_STRIPE = (255, 0, 255)  # magenta: no class colour of the shipped label sets is this loud
@@ -41,12 +43,20 @@ class PreviewResult:
 
 
 def build_preview(out: str | Path, image_roots: Sequence[str | Path] = (), per_page: int = 100,
-                  thumb_size: int = 320, jobs: int = 1) -> PreviewResult:
-    """Draw what is not up to date (in ``jobs`` processes; 0 = one per CPU) and write the pages."""
+                  thumb_size: int = 320, jobs: int = 1, dest: str | Path | None = None) -> PreviewResult:
+    """Draw what is not up to date (in ``jobs`` processes; 0 = one per CPU) and write the pages
+    into ``dest`` (default ``OUT/preview``; a run in a bucket needs a local ``dest``: its masks and
+    photos are copied under ``dest/files`` to be drawn and linked)."""
     if per_page < 1:
         raise UsageError(f"per_page must be at least 1, got {per_page}")
-    run = read_output(out, image_roots)
-    folder = run.out / PREVIEW
+    remote = storage.is_url(str(out)) and storage.local_path(str(out)) is None
+    if remote and dest is None:
+        raise UsageError(f"{storage.redact(str(out))}: a run in a bucket is previewed into a local folder: give --dest DIR")
+    if dest is not None and storage.is_url(str(dest)) and storage.local_path(str(dest)) is None:
+        raise UsageError(f"--dest {storage.redact(str(dest))}: give a local folder (a browser opens the pages from there)")
+    folder = Path(dest) if dest is not None else Path(storage.local_path(str(out)) or out) / PREVIEW
+    # masks and photos read from a store are copied beside the pages (the pages link them)
+    run = read_output(out, image_roots, stage=folder / "files")
     state_file = folder / "rendered.json"
     previous = _read_state(state_file)
     entries = run.sorted_worst_first()
@@ -55,7 +65,7 @@ def build_preview(out: str | Path, image_roots: Sequence[str | Path] = (), per_p
     state: dict[str, list] = {}
     for entry in entries:
         photo = photos[entry.key] = run.images.find(entry.file_name)
-        stamp = [_mtime_ns(run.mask_path(entry)), _mtime_ns(run.out / RECORDS / f"{entry.key}.json"), bool(photo)]
+        stamp = [run.version(f"{MASKS}/{entry.key}.png"), run.version(f"{RECORDS}/{entry.key}.json"), bool(photo)]
         thumb, full = folder / "thumbs" / f"{entry.key}.jpg", folder / "full" / f"{entry.key}.jpg"
         if previous.get(entry.key) == stamp and thumb.is_file() and full.is_file():
             state[entry.key] = stamp
@@ -148,13 +158,6 @@ def _jpeg(img: Image.Image, quality: int) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
-
-
-def _mtime_ns(path: Path) -> int:
-    try:
-        return path.stat().st_mtime_ns
-    except OSError:
-        return 0
 
 
 def _read_state(path: Path) -> dict[str, list]:

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import storage
 from .annotate import annotate
 from .errors import UsageError
 from .images import ImageItem, find_images
@@ -33,9 +34,12 @@ def list_images(inputs: Sequence[str | Path], root: str | Path | None = None,
     """Rows ``{"path", "rel"}`` for ``ray.data.from_items``, found as the CLI finds them (``root``
     as ``--root``; ``out``, the output folder, is never walked); inputs that cannot be used raise
     (one line per problem)."""
-    found = find_images([Path(p) for p in inputs], exclude=[out] if out is not None else [], root=root)
+    found = find_images(list(inputs), exclude=[out] if out is not None else [], root=root)
     if found.problems:
         raise UsageError("; ".join(str(p) for p in found.problems))
+    shards = sorted({item.member.shard for item in found.items if item.member is not None})
+    if shards:  # a row holds a path; a photo inside a tar has none
+        raise UsageError(f"{shards[0]}: WebDataset tar shards are read by seglabel annotate, not by list_images")
     return [{"path": str(item.path), "rel": item.rel} for item in found.items]
 
 
@@ -53,7 +57,8 @@ class Annotator:
         self.labelset, self.segmenter, self.config = ready.labelset, ready.segmenter, ready.config
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        items = [ImageItem(Path(str(p)), str(r)) for p, r in zip(batch["path"], batch["rel"])]
+        items = [ImageItem(str(p) if storage.is_url(str(p)) and storage.local_path(str(p)) is None else Path(str(p)),
+                           str(r)) for p, r in zip(batch["path"], batch["rel"])]  # a URL stays one
         status = {item.key: "skipped" for item in items}  # what annotate reports no outcome for was done before
 
         def on_image(item: ImageItem, error: str | None) -> None:

@@ -25,13 +25,14 @@ import torch
 
 from .annotate import AnnotateConfig, plan
 from .errors import UsageError
-from .images import DEFAULT_MAX_PIXELS, ImageError, ImageItem, read_size
+from .images import DEFAULT_MAX_PIXELS, ImageError, ImageItem, read_photo, read_size
 from .labelset import LabelSet, load_labelset, parse_labelset
 from .loader import DECODE_CHOICES, decode_device
 from .models.base import Segmenter
 from .models.registry import DEFAULT_MODEL, OWN_PROTOCOL_KINDS, check_options, load_segmenter, parse_spec
 from .predict import (Protocol, ProtocolOptions, check_protocol, check_protocol_options, resolve_device,
                       resolve_protocol)
+from .outputs import FolderOut, open_out
 from .runs import check_owned, check_settings, run_settings
 from .writers import check_output_folder
 
@@ -75,7 +76,7 @@ class Recipe:
 
     def config(self, protocol: Protocol) -> AnnotateConfig:
         """The ``AnnotateConfig`` of this run under ``protocol`` (the resolved one)."""
-        return AnnotateConfig(out=Path(self.out), overwrite=self.overwrite, overlay=self.overlay,
+        return AnnotateConfig(out=self.out, overwrite=self.overwrite, overlay=self.overlay,
                               save_scores=self.save_scores, min_confidence=self.min_confidence,
                               batch_size=self.batch_size, max_pixels=self.max_pixels, protocol=protocol,
                               workers=self.workers, precision=self.precision, compile=self.compile,
@@ -134,8 +135,11 @@ def check(recipe: Recipe) -> Checked:
     """Everything that can be refused without building the model (the flags first). The label
     set's warnings are logged here."""
     _check_options(recipe)
-    out = Path(recipe.out)
-    check_output_folder(out)
+    out = open_out(recipe.out)
+    if isinstance(out, FolderOut):
+        check_output_folder(out.folder)
+    else:  # the bucket, the credentials, the right to write and conditional writes: one request each
+        out.check_store()
     check_owned(out)  # files under our names that seglabel did not write: refused
     device = resolve_device(recipe.device)
     decode_device(recipe.decode, device)  # --decode device where it cannot be done: refused now
@@ -176,7 +180,7 @@ def dry_run(recipe: Recipe, items: Sequence[ImageItem], checked: Checked | None 
     readable, problems = [], [ImageError(path, reason) for path, reason in planned.failures]
     for item in planned.todo:
         try:
-            read_size(item.path, recipe.max_pixels)
+            read_size(item.path, recipe.max_pixels, read_photo(item) if item.remote else None)
             readable.append(item)
         except ImageError as e:
             problems.append(e)

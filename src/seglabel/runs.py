@@ -3,9 +3,10 @@
 A whole run records itself in ``OUT/run.json`` and writes ``coco.json``. A part of a job (a
 shard ``I/N`` or a Ray actor) records itself in ``OUT/runs/<part>.json`` and leaves
 ``coco.json`` to ``merge``, which checks that every shard finished with the same settings.
-Locks (``fcntl.flock`` on ``OUT/.lock``): a whole run or a merge holds it exclusively; parts
-hold it shared plus their own part lock exclusively, so shards run side by side but never
-twice, and never beside a whole run.
+Locks (``fcntl.flock`` on ``OUT/.lock``; in a bucket, leases: outputs.py): a whole run or a merge
+holds it exclusively; parts hold it shared plus their own part lock exclusively, so shards run side
+by side but never twice, and never beside a whole run. ``OUT`` is a folder or a bucket prefix
+(``outputs.open_out``).
 
 Labels made with other settings never mix into one folder: the run records hold the settings,
 and every per-image record their fingerprint (``settings_id``), so deleting ``run.json`` does
@@ -13,7 +14,6 @@ not let another command's labels in. Weights count by content (``checkpoints.con
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, TypeVar
 from .checkpoints import content_id
 from .errors import UsageError
 from .labelset import LabelSet
-from .layout import RECORDS, RUN_FILE, RUNS, foreign_outputs
+from .layout import RECORDS, RUN_FILE, RUNS
+from .outputs import Out, OutputBusy, open_out
 
 if TYPE_CHECKING:
     from .predict import Protocol
 
-LOCK_FILE = ".lock"
 _SHARD = re.compile(r"^shard-(\d+)-of-(\d+)$")
 T = TypeVar("T")
 
@@ -44,15 +44,17 @@ class SettingsMismatch(UsageError):
     """``--out`` holds labels made with other settings; mixing them would corrupt the set."""
 
 
-def check_owned(out: Path) -> None:
+def check_owned(out: str | Path | Out) -> None:
     """Refuse an ``--out`` that holds files under seglabel's output names (``masks/``,
     ``coco.json``...) that seglabel did not write: a run there would replace them. Checked before
     anything is written, so the refusal changes nothing."""
-    held = foreign_outputs(out)
+    out = open_out(out)
+    held = out.foreign_outputs()
     if held:
-        raise RunError(f"--out {out}: holds {', '.join(held)} that seglabel did not write (no run.json or records "
-                       f"of a seglabel run), and a run would replace them; nothing was changed: give another --out "
-                       f"(a new or empty folder, e.g. {Path(out) / 'seglabel'}), or move those files away")
+        shown = [name + "/" if name not in (RUN_FILE, "coco.json") and not name.endswith("/") else name for name in held]
+        raise RunError(f"--out {out.shown()}: holds {', '.join(shown)} that seglabel did not write (no run.json or "
+                       f"records of a seglabel run), and a run would replace them; nothing was changed: give another "
+                       f"--out (a new or empty folder, e.g. {out.shown('seglabel')}), or move those files away")
 
 
 def model_identity(spec: str, pretrained: str | None) -> dict[str, Any]:
@@ -92,11 +94,12 @@ def settings_id(settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_settings(out: Path, settings: Mapping[str, Any], per_image: bool = True) -> None:
+def check_settings(out: str | Path | Out, settings: Mapping[str, Any], per_image: bool = True) -> None:
     """Refuse to mix labels made with other settings into ``out`` (whole runs and shards alike).
 
     The run records are compared on the keys of ``settings`` (a dry run knows only some); with
     ``per_image``, so is the ``settings_id`` of every per-image record (a record starts with it)."""
+    out = open_out(out)
     settings = json.loads(json.dumps(settings))  # as stored: tuples become lists
     for _, record in read_records(out):
         previous = record.get("settings")
@@ -104,30 +107,19 @@ def check_settings(out: Path, settings: Mapping[str, Any], per_image: bool = Tru
             changed = sorted(k for k in settings if previous.get(k) != settings[k])
             if changed:
                 raise SettingsMismatch(
-                    f"{out}: holds labels made with other settings (changed: {', '.join(changed)}); "
-                    f"use another --out, or delete {out} to start over")
+                    f"{out.shown()}: holds labels made with other settings (changed: {', '.join(changed)}); "
+                    f"use another --out, or delete {out.shown()} to start over")
     if not per_image:
         return
     expected = settings_id(settings)
-    for folder, _, files in os.walk(out / RECORDS):
-        for name in files:
-            if name.endswith(".json") and not name.startswith("."):
-                found = _record_settings_id(os.path.join(folder, name))
-                if found not in (None, expected):
-                    raise SettingsMismatch(
-                        f"{out}: {os.path.relpath(os.path.join(folder, name), out)} was labelled with other "
-                        f"settings (settings {found}, this command's {expected}); use another --out, "
-                        f"or delete {out} to start over")
-
-
-def _record_settings_id(path: str) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(200)
-    except OSError:
-        return None
-    m = re.search(rb'"settings_id": "([0-9a-f]+)"', head)
-    return m[1].decode() if m else None  # records older than the fingerprint: the run records decide
+    records = sorted(rel for rel in out.listing(RECORDS) if rel.endswith(".json"))
+    for rel, head in out.read_heads(records, 200):
+        m = re.search(rb'"settings_id": "([0-9a-f]+)"', head or b"")
+        found = m[1].decode() if m else None  # records older than the fingerprint: the run records decide
+        if found not in (None, expected):
+            raise SettingsMismatch(
+                f"{out.shown()}: {rel} was labelled with other settings (settings {found}, this command's "
+                f"{expected}); use another --out, or delete {out.shown()} to start over")
 
 
 def parse_shard(text: str | None, env: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
@@ -168,47 +160,35 @@ def shard_part(shard: tuple[int, int] | None) -> str | None:
     return None if shard is None or shard == (0, 1) else f"shard-{shard[0]}-of-{shard[1]}"
 
 
-def record_path(out: Path, part: str | None) -> Path:
-    return out / RUN_FILE if part is None else out / RUNS / f"{part}.json"
+def record_path(part: str | None) -> str:
+    """Where a run (``part`` None) or a part of a job records itself, relative to the output."""
+    return RUN_FILE if part is None else f"{RUNS}/{part}.json"
 
 
-def read_records(out: Path) -> Iterator[tuple[str | None, dict[str, Any]]]:
+def read_records(out: str | Path | Out) -> Iterator[tuple[str | None, dict[str, Any]]]:
     """(part, record) of every readable run record in ``out`` (the whole run's part is None)."""
-    paths = [(None, out / RUN_FILE)] + [(p.stem, p) for p in sorted((out / RUNS).glob("*.json"))]
-    for part, path in paths:
+    out = open_out(out)
+    parts = sorted(rel for rel in out.listing(RUNS) if rel.endswith(".json") and rel.count("/") == 1)
+    for part, rel in [(None, RUN_FILE)] + [(rel[len(RUNS) + 1:-5], rel) for rel in parts]:
         try:
-            yield part, json.loads(path.read_text(encoding="utf-8"))
+            record = json.loads(out.read_bytes(rel).decode("utf-8"))
         except (OSError, ValueError):
             continue  # absent, or damaged by a crash outside our atomic writes: rewritten later
+        if isinstance(record, dict):
+            yield part, record
 
 
 @contextmanager
-def run_lock(out: Path, part: str | None) -> Iterator[None]:
-    """Hold the output folder for a run (``part`` None: the whole folder) or for one part."""
-    out.mkdir(parents=True, exist_ok=True)
-    held = []
+def run_lock(out: str | Path | Out, part: str | None) -> Iterator[None]:
+    """Hold the output for a run (``part`` None: the whole of it) or for one part."""
     try:
-        held.append(_flock(out / LOCK_FILE, exclusive=part is None, what=f"{out}"))
-        if part is not None:
-            (out / RUNS).mkdir(exist_ok=True)
-            held.append(_flock(out / RUNS / f".{part}.lock", exclusive=True, what=f"{out} ({part})"))
-        yield
-    finally:
-        for fd in reversed(held):
-            os.close(fd)  # closing releases the lock; the empty lock files stay, harmlessly
+        with open_out(out).lock(part):
+            yield
+    except OutputBusy as e:
+        raise RunError(str(e)) from None
 
 
-def _flock(path: Path, exclusive: bool, what: str) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise RunError(f"{what}: another seglabel run is writing here; wait for it, or use another --out") from None
-    return fd
-
-
-def unfinished_shards(out: Path) -> tuple[int, list[str]]:
+def unfinished_shards(out: str | Path | Out) -> tuple[int, list[str]]:
     """(number of shards, problems) from ``OUT/runs``: missing or unfinished shards."""
     shards: dict[int, dict[str, Any]] = {}
     counts = set()

@@ -93,15 +93,16 @@ class MaskError(OutputFolderError):
 MASK_MODES = ("P", "L", "I;16", "I;16L", "I;16B", "I")  # PIL modes of single-channel class indices
 
 
-def read_mask(path: str | Path) -> np.ndarray:
+def read_mask(path: str | Path, data: bytes | None = None) -> np.ndarray:
     """Class indices (H, W) of a mask PNG: uint8 (255 = ignore) or uint16 (65535 = ignore); the one
-    reader of masks (records, preview, exports, eval, distill).
+    reader of masks (records, preview, exports, eval, distill). ``data``: the file's bytes, read
+    already (a mask in a bucket); ``path`` then only names it.
 
     Palette and grayscale PNGs both give indices through PIL (unlike OpenCV); a colour, float or
     1-bit image is refused (``MaskError``), as is a 32-bit one with values outside 0..65535."""
     mode = mask = None
     try:
-        with Image.open(path) as img:
+        with Image.open(path if data is None else io.BytesIO(data)) as img:
             mode = img.mode
             if mode in MASK_MODES:
                 mask = np.asarray(img)

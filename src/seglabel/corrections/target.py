@@ -45,7 +45,7 @@ class Target:
                  roots: Sequence[Path]) -> None:
         self.out, self.labelset, self.run, self.of_imports, self.created = out, labelset, run, of_imports, created
         self.roots = list(dict.fromkeys(Path(os.path.abspath(r)) for r in roots))
-        self.records: dict[str, Path] = dict(iter_records(out))
+        self.records: dict[str, Path] = {key: Path(out) / rel for key, rel in iter_records(out)}
         self._by_name: dict[str, set[str]] = {}
         self._by_stem: dict[str, set[str]] = {}
         self._file_names: dict[str, str] = {}

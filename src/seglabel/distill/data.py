@@ -83,7 +83,8 @@ def find_corrections(run: Path, labelset: LabelSet) -> Corrections:
     if not (run / RECORDS).is_dir():
         return Corrections()
     found = Corrections(found=True)
-    for key, record_file in iter_records(run):
+    for key, rel in iter_records(run):
+        record_file = run / rel
         try:
             head = read_record_head(record_file)
         except OutputError as e:

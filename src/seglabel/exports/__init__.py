@@ -29,8 +29,8 @@ class ExportResult:
 def export(out: str | Path, fmt: str, dest: str | Path | None = None, image_roots: Sequence[str | Path] = (),
            document_root: str | Path | None = None, on_image: Callable[[], None] | None = None,
            shard_size: int | None = None) -> ExportResult:
-    """Write ``fmt`` into ``dest`` (default ``OUT/export/<fmt>``); ``hf`` and ``webdataset`` in
-    shards of at most ``shard_size`` images."""
+    """Write ``fmt`` into ``dest`` (default ``OUT/export/<fmt>``; a run in a bucket needs a local
+    ``dest``); ``hf`` and ``webdataset`` in shards of at most ``shard_size`` images."""
     if fmt not in FORMATS:
         raise OutputFolderError(f"unknown export format {fmt!r} (known: {', '.join(FORMATS)})")
     if document_root is not None and fmt != "labelstudio":
@@ -41,8 +41,22 @@ def export(out: str | Path, fmt: str, dest: str | Path | None = None, image_root
         from .hf import require_pyarrow
 
         require_pyarrow()  # before anything is read or written
-    run = read_output(out, image_roots)
-    dest = Path(dest) if dest is not None else run.out / "export" / fmt
+    from .. import storage
+
+    if storage.is_url(str(out)) and storage.local_path(str(out)) is None and dest is None:
+        raise OutputFolderError(f"{storage.redact(str(out))}: a run in a bucket is exported into a local folder: "
+                                "give --dest DIR")
+    if dest is not None and storage.is_url(str(dest)) and storage.local_path(str(dest)) is None:
+        raise OutputFolderError(f"--dest {storage.redact(str(dest))}: give a local folder (then copy it where "
+                                "training reads it)")
+    if dest is None:
+        from ..outputs import open_out
+
+        dest = Path(open_out(out).folder) / "export" / fmt  # a local run: a bucket's needs --dest (above)
+    dest = Path(dest)
+    # Label Studio and FiftyOne open the photos by path: photos read from a store are copied beside
+    # the export (dest/files), where they stay; the others copy them into their own files
+    run = read_output(out, image_roots, stage=dest / "files" if fmt in ("labelstudio", "fiftyone") else None)
     if fmt in SHARDED:
         from .shards import DEFAULT_SHARD_IMAGES, plan
 
