@@ -26,6 +26,7 @@ from .cli_handler import (
     TRAINING,
     flag,
     guarded,
+    local_folder,
     option,
 )
 from .errors import UsageError
@@ -38,7 +39,8 @@ def distill(
     pseudo: Optional[str] = option(None, "--pseudo", panel=INPUTS, help="annotate's output folder (masks/ + "
                                    "run.json) or a folder of mask PNGs; or a run in a bucket (s3://..., copied into "
                                    "OUT/pseudo first)."),
-    images: Path = option(..., "--images", panel=INPUTS, help="Folder of the images the pseudo-labels were made from."),
+    images_text: str = option(..., "--images", panel=INPUTS, help="Folder of the images the pseudo-labels were made "
+                              "from (local)."),
     labels: Optional[Path] = option(None, "--labels", "-l", panel=INPUTS, help="Label set YAML (default: the one "
                                     "in --pseudo's run.json)."),
     # Teacher
@@ -109,14 +111,14 @@ def distill(
     scale_max: float = option(2.0, "--scale-max", panel=TRAINING, min=0.01, help="Random rescale factor, high end."),
     seed: int = option(0, "--seed", panel=TRAINING, help="Seed of initialisation, data order and augmentation."),
     # Outputs
-    out: Path = option(..., "--out", "-o", panel=OUTPUTS, help="Run folder: last.pt (resume), student.pt, "
-                       "log.jsonl."),
+    out_text: str = option(..., "--out", "-o", panel=OUTPUTS, help="Run folder (local): last.pt (resume), "
+                           "student.pt, log.jsonl."),
     save_every: int = option(500, "--save-every", panel=OUTPUTS, min=1, help="Write last.pt every N iterations."),
     log_every: int = option(10, "--log-every", panel=OUTPUTS, min=1, help="Progress line and log.jsonl record "
                             "every N iterations."),
-    val_images: Optional[Path] = option(None, "--val-images", panel=OUTPUTS, help="Validation images."),
-    val_masks: Optional[Path] = option(None, "--val-masks", panel=OUTPUTS, help="Their ground-truth masks (class "
-                                       "ids of the label set)."),
+    val_images_text: Optional[str] = option(None, "--val-images", panel=OUTPUTS, help="Validation images."),
+    val_masks_text: Optional[str] = option(None, "--val-masks", panel=OUTPUTS, help="Their ground-truth masks "
+                                           "(class ids of the label set)."),
     val_every: int = option(500, "--val-every", panel=OUTPUTS, min=1, help="Validation mIoU every N iterations."),
     # Run
     device: str = option("auto", "--device", panel=RUN, help="auto, cpu or cuda."),
@@ -130,6 +132,9 @@ def distill(
     """Train a DeepLabv2 student on pseudo-labels (MaskCLIP+); label new folders with --model student:OUT/student.pt."""
     from .distill import DistillConfig, plan, train
 
+    images, out = local_folder("--images", images_text, "the photos"), local_folder("--out", out_text, "the run")
+    val_images = local_folder("--val-images", val_images_text, "the photos") if val_images_text else None
+    val_masks = local_folder("--val-masks", val_masks_text, "the masks") if val_masks_text else None
     check_output_folder(out)
     pseudo = _local_pseudo(pseudo, out, dry_run)
     cfg = DistillConfig(

@@ -14,6 +14,7 @@ import os
 import sys
 import traceback
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import typer
@@ -154,4 +155,17 @@ def _given(args: Sequence[str], opts: Sequence[str]) -> str | None:
             if o.startswith("--") and a.startswith(o + "="):
                 value = a[len(o) + 1:]
     return value
+
+
+def local_folder(flag_name: str, text: str, what: str) -> Path:
+    """A flag that takes a local path only: its text as a ``Path`` (a ``file://`` URL as its path);
+    any other URL refused in one line, before typer's ``Path`` could make ``s3://b/x`` a local
+    ``s3:/b/x`` folder."""
+    from . import storage
+    from .errors import UsageError
+
+    if storage.is_url(text) and storage.local_path(text) is None:
+        raise UsageError(f"{flag_name} {storage.redact(text)}: {what} must be a local folder; copy it down first "
+                         "(e.g. aws s3 sync URL DIR)")
+    return Path(storage.local_path(text) or text)
 

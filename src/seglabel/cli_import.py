@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from .cli_handler import flag, guarded
+from .cli_handler import flag, guarded, local_folder
 from .errors import one_line
 
 
@@ -24,7 +24,7 @@ def import_command(
                                       "from what SOURCE holds)."),
     labels: Optional[Path] = typer.Option(None, "--labels", "-l", help="Label set of a new run (--into a folder "
                                           "that holds no run)."),
-    images: List[Path] = typer.Option([], "--images", help="Folder of the photos (a new run's, or if they moved "
+    images_text: List[str] = typer.Option([], "--images", help="Folder of the photos (a new run's, or if they moved "
                                       "since they were labelled)."),
     field: Optional[str] = typer.Option(None, "--field", help="FiftyOne dataset: its segmentation field (default: "
                                         "the only one)."),
@@ -45,6 +45,7 @@ def import_command(
         raise UsageError(f"--into {storage.redact(into_text)}: corrections are imported into a local run folder; "
                          "copy the run down, import, and copy it up")
     into = Path(storage.local_path(into_text) or into_text)
+    images = [local_folder("--images", text, "the photos") for text in images_text]
 
     result = import_corrections(source, into, fmt, labels=labels, images=images, field=field,
                                 all_reviewed=all_reviewed, dry_run=dry_run,
