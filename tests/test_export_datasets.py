@@ -234,10 +234,10 @@ def test_an_interrupted_export_leaves_whole_shards_only(tmp_path, monkeypatch):
     pytest.importorskip("webdataset", reason="needs the webdataset package (pip install webdataset)")
     import tarfile
 
-    from seglabel.exports import webdataset_tars
+    from seglabel.exports import shards
 
     out, _ = varied_output(tmp_path)
-    real, calls = webdataset_tars.read_sample, [0]
+    real, calls = shards.read_sample, [0]
 
     def interrupted(run, sample):
         calls[0] += 1
@@ -245,7 +245,7 @@ def test_an_interrupted_export_leaves_whole_shards_only(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(run, sample)
 
-    monkeypatch.setattr(webdataset_tars, "read_sample", interrupted)
+    monkeypatch.setattr(shards, "read_sample", interrupted)  # what read_samples calls
     with pytest.raises(KeyboardInterrupt):
         export_files(out, "webdataset", shard_size=3)
     dest = out / "export" / "webdataset"

@@ -27,7 +27,7 @@ from ..errors import UsageError
 from ..images import printable
 from ..writers import atomic_path, write_bytes, write_json
 from .run_output import RunOutput
-from .shards import Plan, Sample, clear_stale, id2label, read_sample
+from .shards import Plan, Sample, clear_stale, id2label, read_samples
 
 SPLIT = "train"
 DATA = "data"
@@ -101,13 +101,9 @@ def _write_shard(run: RunOutput, path: Path, schema, samples: list[Sample], plan
             try:
                 rows: list[dict[str, Any]] = []
                 size = 0
-                for sample in samples:
-                    got = read_sample(run, sample)
-                    if isinstance(got, str):
-                        plan.leave_out(sample.entry, got)
-                        continue
-                    rows.append(_row(sample, *got))
-                    size += len(got[0]) + len(got[1])
+                for sample, photo, mask in read_samples(run, samples, plan):
+                    rows.append(_row(sample, photo, mask))
+                    size += len(photo) + len(mask)
                     written += 1
                     on_image and on_image()
                     if len(rows) >= ROW_GROUP_IMAGES or size >= ROW_GROUP_BYTES:

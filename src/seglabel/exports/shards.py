@@ -16,7 +16,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from PIL import Image
 
@@ -118,6 +118,17 @@ def photo_suffix(photo: Path) -> str:
     ``tiff`` as ``tif``, so a data set has one name per format."""
     suffix = photo.suffix.lower().lstrip(".")
     return {"jpeg": "jpg", "tiff": "tif"}.get(suffix, suffix) or "img"
+
+
+def read_samples(run: RunOutput, samples: Iterable[Sample], plan: Plan) -> Iterator[tuple[Sample, bytes, bytes]]:
+    """Each sample with its photo's bytes and its mask PNG (``read_sample``); one that cannot be
+    read now is left out in ``plan`` with the reason."""
+    for sample in samples:
+        got = read_sample(run, sample)
+        if isinstance(got, str):
+            plan.leave_out(sample.entry, got)
+        else:
+            yield sample, *got
 
 
 def read_sample(run: RunOutput, sample: Sample) -> tuple[bytes, bytes] | str:

@@ -32,7 +32,7 @@ from urllib.parse import quote
 from ..images import printable
 from ..writers import atomic_path, to_json, write_json
 from .run_output import RunOutput
-from .shards import Plan, Sample, clear_stale, id2label, read_sample
+from .shards import Plan, Sample, clear_stale, id2label, read_samples
 
 PREFIX = "shard"
 SHARD = re.compile(rf"{PREFIX}-\d{{6}}\.tar")
@@ -60,12 +60,8 @@ def write_webdataset(run: RunOutput, dest: Path, plan: Plan,
             with open(tmp, "wb") as f:
                 with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
                     n = 0
-                    for sample in samples:
-                        got = read_sample(run, sample)
-                        if isinstance(got, str):
-                            plan.leave_out(sample.entry, got)
-                            continue
-                        _add_sample(tar, run, sample, *got)
+                    for sample, photo, mask in read_samples(run, samples, plan):
+                        _add_sample(tar, run, sample, photo, mask)
                         n += 1
                         turned += sample.orientation != 1
                         on_image and on_image()
