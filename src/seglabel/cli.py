@@ -187,7 +187,7 @@ def evaluate(
     from .evaluate import EvalError, evaluate_folders, render_table
 
     for flag_name, text in (("--pred", pred_text), ("--gt", gt_text)):
-        if storage.is_url(text) and storage.local_path(text) is None:
+        if storage.is_remote(text):
             raise EvalError(f"{flag_name} {storage.redact(text)}: eval reads local folders only; copy it down first "
                             "(e.g. aws s3 sync URL DIR)")
     pred, gt = (Path(storage.local_path(t) or t) for t in (pred_text, gt_text))

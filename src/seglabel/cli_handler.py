@@ -164,7 +164,7 @@ def local_folder(flag_name: str, text: str, what: str) -> Path:
     from . import storage
     from .errors import UsageError
 
-    if storage.is_url(text) and storage.local_path(text) is None:
+    if storage.is_remote(text):
         raise UsageError(f"{flag_name} {storage.redact(text)}: {what} must be a local folder; copy it down first "
                          "(e.g. aws s3 sync URL DIR)")
     return Path(storage.local_path(text) or text)

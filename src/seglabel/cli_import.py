@@ -41,7 +41,7 @@ def import_command(
     from .errors import UsageError
     from .writers import to_json
 
-    if storage.is_url(into_text) and storage.local_path(into_text) is None:  # else a local "s3:" folder
+    if storage.is_remote(into_text):  # else a local "s3:" folder
         raise UsageError(f"--into {storage.redact(into_text)}: corrections are imported into a local run folder; "
                          "copy the run down, import, and copy it up")
     into = Path(storage.local_path(into_text) or into_text)

@@ -117,7 +117,7 @@ def find_images(paths: Iterable[str | Path] = (), listed: Iterable[str] = (),
     local_excluded, remote_excluded = [], []
     for e in exclude:
         text = os.fspath(e)
-        if remote_inputs.remote(text):
+        if storage.is_remote(text):
             remote_excluded.append(text)
         else:
             local_excluded.append(storage.local_path(text) if storage.is_url(text) else text)
@@ -129,7 +129,7 @@ def find_images(paths: Iterable[str | Path] = (), listed: Iterable[str] = (),
     remote = remote_inputs.RemoteInputs()
     for given in paths:
         text = os.fspath(given)
-        if remote_inputs.remote(text):
+        if storage.is_remote(text):
             remote_inputs.given_url(text, root_url, remote_excluded, IMAGE_SUFFIXES, remote)
             continue
         p = Path(storage.local_path(text) if storage.is_url(text) else text)
@@ -151,10 +151,10 @@ def find_images(paths: Iterable[str | Path] = (), listed: Iterable[str] = (),
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
-        if remote_inputs.remote(entry) and base is not None:
+        if storage.is_remote(entry) and base is not None:
             problems.append(ImageError(entry, f"listed, but not inside --root {printable(base)} (a URL)"))
             continue
-        if remote_inputs.remote(entry) or (root_url is not None and not storage.is_url(entry)):
+        if storage.is_remote(entry) or (root_url is not None and not storage.is_url(entry)):
             remote_inputs.listed_url(entry, root_url, IMAGE_SUFFIXES, remote)
             continue
         p = Path(base, entry) if base is not None else Path(entry)
@@ -195,7 +195,7 @@ def _root(root: str | Path | None) -> tuple[str | None, str | None]:
     if root is None:
         return None, None
     text = os.fspath(root)
-    if remote_inputs.remote(text):
+    if storage.is_remote(text):
         return None, storage.check_url(text.rstrip("/"), "--root")
     base = os.path.abspath(storage.local_path(text) if storage.is_url(text) else text)
     if not os.path.isdir(base):

@@ -49,10 +49,10 @@ def build_preview(out: str | Path, image_roots: Sequence[str | Path] = (), per_p
     photos are copied under ``dest/files`` to be drawn and linked)."""
     if per_page < 1:
         raise UsageError(f"per_page must be at least 1, got {per_page}")
-    remote = storage.is_url(str(out)) and storage.local_path(str(out)) is None
+    remote = storage.is_remote(str(out))
     if remote and dest is None:
         raise UsageError(f"{storage.redact(str(out))}: a run in a bucket is previewed into a local folder: give --dest DIR")
-    if dest is not None and storage.is_url(str(dest)) and storage.local_path(str(dest)) is None:
+    if dest is not None and storage.is_remote(str(dest)):
         raise UsageError(f"--dest {storage.redact(str(dest))}: give a local folder (a browser opens the pages from there)")
     folder = Path(dest) if dest is not None else Path(storage.local_path(str(out)) or out) / PREVIEW
     # masks and photos read from a store are copied beside the pages (the pages link them)

@@ -57,7 +57,7 @@ class Annotator:
         self.labelset, self.segmenter, self.config = ready.labelset, ready.segmenter, ready.config
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        items = [ImageItem(str(p) if storage.is_url(str(p)) and storage.local_path(str(p)) is None else Path(str(p)),
+        items = [ImageItem(str(p) if storage.is_remote(str(p)) else Path(str(p)),
                            str(r)) for p, r in zip(batch["path"], batch["rel"])]  # a URL stays one
         status = {item.key: "skipped" for item in items}  # what annotate reports no outcome for was done before
 

@@ -43,10 +43,10 @@ def export(out: str | Path, fmt: str, dest: str | Path | None = None, image_root
         require_pyarrow()  # before anything is read or written
     from .. import storage
 
-    if storage.is_url(str(out)) and storage.local_path(str(out)) is None and dest is None:
+    if storage.is_remote(str(out)) and dest is None:
         raise OutputFolderError(f"{storage.redact(str(out))}: a run in a bucket is exported into a local folder: "
                                 "give --dest DIR")
-    if dest is not None and storage.is_url(str(dest)) and storage.local_path(str(dest)) is None:
+    if dest is not None and storage.is_remote(str(dest)):
         raise OutputFolderError(f"--dest {storage.redact(str(dest))}: give a local folder (then copy it where "
                                 "training reads it)")
     if dest is None:

@@ -13,9 +13,9 @@ from .filesystems import filesystem, install_hint
 from .lease import Lease, LeaseHeld, LeaseLost, check_conditional_writes
 from .objects import Listed, create, delete, exists, info, list_files, read_bytes, replace, retry_policy, write_bytes
 from .problems import StorageError, classify
-from .urls import check_url, is_url, join, local_path, redact, relative, safe_relative
+from .urls import check_url, is_remote, is_url, join, local_path, redact, relative, safe_relative
 
 __all__ = ["Lease", "LeaseHeld", "LeaseLost", "Listed", "StorageError", "check_conditional_writes", "check_url",
-           "classify", "create", "delete", "exists", "filesystem", "info", "install_hint", "is_url", "join",
+           "classify", "create", "delete", "exists", "filesystem", "info", "install_hint", "is_remote", "is_url", "join",
            "list_files", "local_path", "read_bytes", "redact", "relative", "replace", "retry_policy",
            "safe_relative", "write_bytes"]

@@ -21,7 +21,7 @@ from ..layout import OUTPUT_FOLDERS, RECORDS, RUN_FILE, RUNS
 from .objects import Listed, list_files, read_bytes
 from .problems import StorageError
 from .tar_shards import Member, index_shard, is_compressed_tar, is_tar_shard
-from .urls import check_url, is_url, join, local_path, redact, relative, safe_relative, secrets_in
+from .urls import check_url, is_url, join, redact, relative, safe_relative, secrets_in
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,6 @@ class RemoteInputs:
     found: list[Found] = field(default_factory=list)
     problems: list[tuple[str, str]] = field(default_factory=list)  # (source as shown, reason)
     skipped_outputs: set[str] = field(default_factory=set)
-
-
-def remote(text: str) -> bool:
-    """A URL read through the storage layer (``file://`` URLs are local paths)."""
-    return is_url(text) and local_path(text) is None
 
 
 def is_shard(name: str) -> bool:

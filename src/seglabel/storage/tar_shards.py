@@ -29,7 +29,7 @@ from urllib.parse import unquote
 from .filesystems import filesystem
 from .objects import read_bytes, retried
 from .problems import StorageError
-from .urls import is_url, local_path, redact, safe_relative
+from .urls import is_remote, is_url, local_path, redact, safe_relative
 
 TAR_SUFFIX = ".tar"
 COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tar.xz", ".txz", ".tar.zst")
@@ -160,7 +160,7 @@ def read_member(member: Member) -> bytes:
 
 
 def is_url_shard(name: str) -> bool:
-    return is_url(name) and local_path(name) is None and is_tar_shard(name.split("?", 1)[0])
+    return is_remote(name) and is_tar_shard(name.split("?", 1)[0])
 
 
 def local_shard(path: str) -> bool:

@@ -37,6 +37,11 @@ def is_url(text: object) -> bool:
     return isinstance(text, str) and _URL.match(text) is not None
 
 
+def is_remote(text: object) -> bool:
+    """A URL read through the storage layer: any URL but ``file://`` (a local path)."""
+    return is_url(text) and local_path(text) is None  # type: ignore[arg-type]
+
+
 def local_path(text: str) -> str | None:
     """The local path of a ``file://`` URL (or of a plain path), None for any other URL."""
     if not is_url(text):
